@@ -1,0 +1,222 @@
+"""The one place a conversation becomes tokens.
+
+Training and serving both call this module, so what the model is trained on and what it is
+served with are byte-for-byte the same rendering of the tokenizer's own chat template.
+
+- `encode_conversation` renders a whole conversation and returns token ids plus a loss mask
+  that is 1 exactly on the assistant turns' tokens, including their end-of-turn token (so the
+  model learns to stop), and 0 on everything the model is only conditioned on.
+- `render_prompt` / `encode_prompt` render the generation prompt a server feeds the model.
+
+The assistant spans are found by rendering prefixes of the conversation (`messages[:i]` with
+the generation prompt, and `messages[:i+1]` without) and diffing them, which works for any
+template whose renderings of a conversation's prefixes are prefixes of each other (ChatML,
+Llama 3, Mistral, ...). A template that breaks that property gets a clear error rather than a
+silently wrong mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100
+
+# A Qwen2.5-style ChatML template, written by hand: system first, then user/assistant/tool
+# turns, with Qwen's tool-calling conventions (<tools>, <tool_call>, <tool_response>).
+# No default system prompt is injected, so an empty system box means no system turn.
+CHATML_TEMPLATE = (
+    # No "-" whitespace control and no newline right after a block tag: transformers renders
+    # with trim_blocks, so every newline here is written out explicitly and survives.
+    "{% if tools %}"
+    "<|im_start|>system\n"
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{% elif messages[0].role == 'system' %}"
+    "<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'user' %}"
+    "<|im_start|>user\n{{ message.content }}<|im_end|>\n"
+    "{% elif message.role == 'assistant' %}"
+    "<|im_start|>assistant\n"
+    "{% if message.content %}{{ message.content }}{% endif %}"
+    "{% for call in message.tool_calls or [] %}"
+    "{% if message.content or not loop.first %}{{ '\\n' }}{% endif %}"
+    '<tool_call>{{ \'\\n\' }}{"name": "{{ call.function.name }}", "arguments": '
+    "{% if call.function.arguments is string %}{{ call.function.arguments }}"
+    "{% else %}{{ call.function.arguments | tojson }}{% endif %}"
+    "}\n</tool_call>"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% elif message.role == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n' }}<tool_response>\n{{ message.content }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% elif message.role == 'system' and not loop.first %}"
+    "{{ raise_exception('a system message is only allowed first') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ChatFormatError(ValueError):
+    """The conversation or the tokenizer's template can't be rendered as asked."""
+
+
+@dataclass
+class Encoded:
+    """A rendered conversation: `input_ids` with a parallel 0/1 `loss_mask`."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    text: str
+
+    @property
+    def labels(self) -> list[int]:
+        """Labels for a causal-LM loss: the token id where the mask is 1, else IGNORE_INDEX."""
+        return [
+            t if m else IGNORE_INDEX for t, m in zip(self.input_ids, self.loss_mask, strict=True)
+        ]
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+
+def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Drop keys the template never reads (weights, provenance) so they can't leak into a render.
+    keep = ("role", "content", "tool_calls", "tool_call_id", "name")
+    return [{k: m[k] for k in keep if k in m} for m in messages]
+
+
+def _render(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ChatFormatError(
+            "the tokenizer has no chat_template; pass a model with one (e.g. an -Instruct model) "
+            "or set tokenizer.chat_template"
+        )
+    try:
+        return tokenizer.apply_chat_template(
+            _template_messages(messages),
+            tools=tools or None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except ChatFormatError:
+        raise
+    except Exception as exc:  # jinja errors, raise_exception() in templates
+        raise ChatFormatError(f"chat template failed to render: {exc}") from exc
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The token that ends an assistant turn (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3)."""
+    eos = getattr(tokenizer, "eos_token", None)
+    return eos if isinstance(eos, str) and eos else None
+
+
+def assistant_spans(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation and return (text, character spans of the trained assistant turns).
+
+    A span starts after the assistant header (what `add_generation_prompt` adds) and ends just
+    after the end-of-turn token; anything the template writes after that token (a newline) is
+    not trained, because generation stops at the token and never produces it.
+    Assistant turns with `weight: 0` are left out of the spans.
+    """
+    text = _render(tokenizer, messages, tools, add_generation_prompt=False)
+    eot = end_of_turn_token(tokenizer)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant" or message.get("weight", 1) == 0:
+            continue
+        before = _render(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ChatFormatError(
+                "the chat template does not render conversation prefixes as prefixes of each "
+                f"other (at message {i}); its loss mask can't be derived safely"
+            )
+        start, end = len(before), len(through)
+        if eot is not None:
+            cut = text.rfind(eot, start, end)
+            if cut != -1:
+                end = cut + len(eot)
+        spans.append((start, end))
+    return text, spans
+
+
+def encode_conversation(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    max_length: int | None = None,
+) -> Encoded:
+    """Tokenise a conversation with its loss mask (1 on trained assistant tokens).
+
+    `max_length` truncates from the right; callers that must not lose answers should filter
+    over-long examples beforehand (prepare reports them).
+    """
+    text, spans = assistant_spans(tokenizer, messages, tools)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    mask = [0] * len(ids)
+    span_i = 0
+    for k, (start, end) in enumerate(enc["offset_mapping"]):
+        while span_i < len(spans) and spans[span_i][1] <= start:
+            span_i += 1
+        if span_i == len(spans):
+            break
+        s, e = spans[span_i]
+        if start >= s and end <= e and end > start:
+            mask[k] = 1
+    if max_length is not None:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return Encoded(input_ids=ids, loss_mask=mask, text=text)
+
+
+def render_prompt(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The text a model is given to generate the next assistant turn."""
+    if messages and messages[-1].get("role") == "assistant":
+        raise ChatFormatError("the last message is from the assistant; nothing to generate")
+    return _render(tokenizer, messages, tools, add_generation_prompt=True)
+
+
+def encode_prompt(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids of `render_prompt`, tokenised exactly as training tokenises conversations."""
+    text = render_prompt(tokenizer, messages, tools)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that end generation: the end-of-turn token and eos (deduplicated, in that order)."""
+    ids: list[int] = []
+    eot = end_of_turn_token(tokenizer)
+    for tok in (eot, getattr(tokenizer, "eos_token", None)):
+        if tok:
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid >= 0 and tid not in ids:
+                ids.append(tid)
+    return ids

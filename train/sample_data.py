@@ -156,7 +156,6 @@ REDEEM_ARRIVAL = {
     "fof": "T+5至T+8个交易日",
 }
 
-CONFIRM_DAY = {"qdii": "T+2", "fof": "T+2"}  # every other type confirms on T+1
 
 _TIERS_EQUITY_A = "持有不满7天收取1.50%，满7天不满1年收取0.50%，满1年不满2年收取0.25%，满2年不收取"
 _TIERS_BOND_A = "持有不满7天收取1.50%，满7天不满30天收取0.10%，满30天不收取"
@@ -1680,6 +1679,10 @@ def _ff_arrival(f: Fund) -> tuple[str, ...]:
     )
 
 
+def _ff_suit(f: Fund, investor: str) -> tuple[str, ...]:
+    return (f"{f.ref}的风险等级为{f.risk}。" + _suitability(investor, f.risk),)
+
+
 def _ff_code(f: Fund) -> tuple[str, ...]:
     return (
         f"{f.name}的基金代码是{f.code}，它是一只{f.label}，风险等级为{f.risk}，基金经理为{f.manager}。",
@@ -1691,7 +1694,8 @@ def _ff_code(f: Fund) -> tuple[str, ...]:
 class FactIntent:
     name: str
     templates: tuple[str, ...]
-    answers: Callable[[Fund], tuple[str, ...]]
+    answers: Callable[..., tuple[str, ...]]
+    asks_investor: bool = False  # answers also take the C1-C5 class named in the question
 
 
 FACT_INTENTS: tuple[FactIntent, ...] = (
@@ -1761,7 +1765,8 @@ FACT_INTENTS: tuple[FactIntent, ...] = (
     FactIntent(
         "ff_suit",
         ("我是{c}，能买{ref}吗", "{c}的投资者可以买{ref}吗", "风险测评{c}能不能买{ref}"),
-        lambda f: (),  # depends on the investor class too; see _fact_answers
+        _ff_suit,
+        asks_investor=True,
     ),
 )
 
@@ -1772,9 +1777,7 @@ def _fund_refs(f: Fund) -> tuple[str, ...]:
 
 
 def _fact_answers(intent: FactIntent, f: Fund, investor: str) -> tuple[str, ...]:
-    if intent.name == "ff_suit":
-        return (f"{f.ref}的风险等级为{f.risk}。" + _suitability(investor, f.risk),)
-    return intent.answers(f)
+    return intent.answers(f, investor) if intent.asks_investor else intent.answers(f)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tunedesk import paths
-from tunedesk.cli import CommandError
+from tunedesk.errors import CommandError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

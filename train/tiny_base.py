@@ -38,15 +38,15 @@ class TinyBaseConfig:
 
     vocab_size: int = 6000
     """Target BPE vocabulary size (special tokens included); the embedding is padded to 64."""
-    hidden_size: int = 256
+    hidden_size: int = 192
     """Model width. Head dim is hidden_size / num_attention_heads (64 by default, vLLM-friendly)."""
     num_hidden_layers: int = 4
     """Number of transformer blocks."""
-    num_attention_heads: int = 4
+    num_attention_heads: int = 3
     """Query heads."""
-    num_key_value_heads: int = 2
+    num_key_value_heads: int = 1
     """Key/value heads (grouped-query attention, as in Qwen2)."""
-    intermediate_size: int = 704
+    intermediate_size: int = 512
     """MLP width."""
     max_position_embeddings: int = 2048
     """Longest sequence the model accepts."""

@@ -10,17 +10,12 @@ import sys
 from collections.abc import Sequence
 
 from tunedesk import __version__
+from tunedesk.errors import CommandError
+
+__all__ = ["CommandError", "build_parser", "main"]
 
 # Order is the order shown in --help.
 COMMAND_MODULES = ("tunedesk.train.commands",)
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as one clear line, exit code 2 (or `code`)."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,51 @@
+# The two commands of the README: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TD := $(VENV)/bin/tunedesk
+STAMP := $(VENV)/.tunedesk-installed
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test lint format demo bench clean
+
+install: $(STAMP)
+
+# Torch first: with a CUDA driver present take the default (CUDA) wheel; without one the CPU
+# build, so pip never pulls gigabytes of CUDA packages onto a CPU-only machine.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		$(PIP) install -q "torch==$(TORCH_VERSION)" 2>/dev/null \
+		|| $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: install lint
+	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The main job end to end on the embedded default (CPU, no downloads).
+demo: install
+	$(TD) base build --pretrain-steps 0
+	$(TD) data sample --out data/fund_qa.jsonl
+	$(TD) prepare data/fund_qa.jsonl --out data/prepared --show 5
+
+bench: install
+	$(PY) bench/prepare_speed.py
+
+clean:
+	rm -rf $(VENV) models data runs .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from tunedesk.cli import main
+
+sys.exit(main())

@@ -19,18 +19,24 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 
 def conversation_key(messages: list[dict], tools: list | None = None) -> str:
     """A string that is equal for two conversations exactly when they render the same."""
-    slim = [
-        [m.get("role"), m.get("content"), m.get("tool_calls"), m.get("weight", 1)] for m in messages
-    ]
-    return json.dumps([slim, tools], ensure_ascii=False, sort_keys=True)
+    parts = []
+    for m in messages:
+        parts.append(f"{m.get('role')}\x1e{m.get('content')}\x1e{m.get('weight', 1)}")
+        if m.get("tool_calls"):
+            parts.append(json.dumps(m["tool_calls"], ensure_ascii=False, sort_keys=True))
+    if tools:
+        parts.append(json.dumps(tools, ensure_ascii=False, sort_keys=True))
+    return "\x1f".join(parts)
 
 
 def prompt_key(messages: list[dict]) -> str:
     """Everything before the final assistant turn: two records with the same prompt key and
     different answers are conflicting examples."""
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
+    last = len(messages) - 1
+    while last >= 0 and messages[last].get("role") != "assistant":
+        last -= 1
     context = messages[:last] if last >= 0 else messages
-    return json.dumps([[m.get("role"), m.get("content")] for m in context], ensure_ascii=False)
+    return "\x1f".join(f"{m.get('role')}\x1e{m.get('content')}" for m in context)
 
 
 def dedup_text(messages: list[dict]) -> str:

@@ -15,7 +15,14 @@ from tunedesk.errors import CommandError
 __all__ = ["CommandError", "build_parser", "main"]
 
 # Order is the order shown in --help.
-COMMAND_MODULES = ("tunedesk.train.commands",)
+COMMAND_MODULES = (
+    "tunedesk.train.commands",
+    "tunedesk.train.commands_train",
+    "tunedesk.train.commands_merge",
+    "tunedesk.serve.commands",
+    "tunedesk.eval.commands",
+    "tunedesk.ui.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

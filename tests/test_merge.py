@@ -100,14 +100,6 @@ def _lora_b_norm(adapter_dir: Path) -> float:
         return sum(float(f.get_tensor(k).abs().sum()) for k in names if "lora_B" in k)
 
 
-def _merge_registered(monkeypatch) -> None:
-    # tunedesk/cli.py lists the command modules it loads; make sure `merge` is among them.
-    if "tunedesk.train.commands_merge" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(
-            cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "tunedesk.train.commands_merge")
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # The merged folder
 
@@ -205,7 +197,6 @@ def test_resolve_dtype():
 
 
 def test_cli_merges_an_adapter_folder(adapter, tmp_path, monkeypatch, capsys):
-    _merge_registered(monkeypatch)
     out = tmp_path / "merged"
     assert cli.main(["merge", str(adapter), "--out", str(out), "--dtype", "float32"]) == 0
     printed = capsys.readouterr().out
@@ -215,7 +206,6 @@ def test_cli_merges_an_adapter_folder(adapter, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_merges_a_job_into_models_with_held_out_prompts(adapter, tmp_path, monkeypatch):
-    _merge_registered(monkeypatch)
     monkeypatch.setenv("TUNEDESK_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     job = tmp_path / "runs" / "job-7"
@@ -243,7 +233,6 @@ def test_cli_merges_a_job_into_models_with_held_out_prompts(adapter, tmp_path, m
 
 
 def test_cli_errors_are_one_line_and_non_zero(adapter, tmp_path, monkeypatch, capsys):
-    _merge_registered(monkeypatch)
     monkeypatch.setenv("TUNEDESK_HOME", str(tmp_path))
     assert cli.main(["merge", "no-such-job"]) == 2
     assert "not an adapter folder" in capsys.readouterr().err

@@ -476,3 +476,26 @@ def test_unreachable_endpoint_is_a_clear_error(endpoint_ws):
     assert proc.returncode == 2
     assert "every request failed" in proc.stderr and "Connection error" in proc.stderr
     assert not (endpoint_ws / "o" / "summary.json").exists()
+
+
+def test_report_renders_in_headless_chromium(local_run):
+    """The report opened in a real browser: no console errors, the charts are drawn."""
+    from _chromium import chromium_page
+
+    proc, out = local_run
+    assert proc.returncode == 0
+    requests: list[str] = []
+    with chromium_page() as page:
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((out / "report.html").resolve().as_uri())
+        page.wait_for_load_state("load")
+        assert page.console_errors == []
+        charts = page.locator(".chart svg")
+        assert charts.count() >= 4
+        box = charts.first.bounding_box()
+        assert box is not None and box["width"] > 100 and box["height"] > 50
+        assert page.locator("#loss-curves svg").count() >= 1
+        assert page.locator("#models-table").is_visible()
+        assert page.locator("#worst-samples").inner_text().strip()
+    # Self-contained: the page fetched nothing but itself.
+    assert all(u.startswith("file://") or u.startswith("data:") for u in requests), requests

@@ -1,0 +1,81 @@
+"""FastAPI dependencies, as `Annotated` aliases the routes declare (full-stack-template style)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from tunedesk.serve.admission import Admission
+from tunedesk.serve.auth import ANONYMOUS, ApiKey, KeyStore, bearer_token
+from tunedesk.serve.context import RequestContext
+from tunedesk.serve.engines.base import ApiCall, Engine
+from tunedesk.serve.errors import AuthenticationFailed
+from tunedesk.serve.metrics import Metrics
+from tunedesk.serve.service import OpenAIService
+from tunedesk.serve.settings import ServeSettings
+
+
+@dataclass
+class AppState:
+    settings: ServeSettings
+    engine: Engine
+    keys: KeyStore
+    admission: Admission
+    metrics: Metrics
+    service: OpenAIService
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.tunedesk
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_context(request: Request) -> RequestContext:
+    ctx = getattr(request.state, "ctx", None)
+    if ctx is None:  # app used without the access-log middleware (unit tests)
+        ctx = request.state.ctx = RequestContext(request_id="local")
+    return ctx
+
+
+ContextDep = Annotated[RequestContext, Depends(get_context)]
+
+
+def authenticate(request: Request, state: StateDep, ctx: ContextDep) -> ApiKey:
+    if state.keys.open:
+        return ANONYMOUS
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    key = state.keys.verify(token)
+    if key is None:
+        # Never echo any part of the key: it may be a real key for another system.
+        raise AuthenticationFailed("Incorrect API key provided.")
+    ctx.key_name = key.name
+    return key
+
+
+KeyDep = Annotated[ApiKey, Depends(authenticate)]
+
+
+async def make_call(request: Request, key: KeyDep, ctx: ContextDep, state: StateDep) -> ApiCall:
+    # FastAPI has already read (and cached) the body to validate it: this costs no I/O.
+    raw = await request.body()
+    deadline = time.monotonic() + state.settings.request_timeout_s
+    return ApiCall(body=None, raw=raw, http=request, ctx=ctx, key=key, deadline=deadline)
+
+
+CallDep = Annotated[ApiCall, Depends(make_call)]
+
+
+def get_service(state: StateDep) -> OpenAIService:
+    return state.service
+
+
+ServiceDep = Annotated[OpenAIService, Depends(get_service)]

@@ -1,0 +1,1 @@
+"""The embedded engine: transformers models in-process, step-level continuous batching."""

@@ -1,0 +1,148 @@
+"""Outputs -> OpenAI objects: one formatter for chat, one for legacy completions.
+
+Streamed and non-streamed responses are built from the same per-step text deltas, so at
+temperature 0 the concatenated stream is exactly the non-streamed text.
+"""
+
+from __future__ import annotations
+
+from tunedesk.serve.engines.local.batcher import SeqOutput
+from tunedesk.serve.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChoiceDelta,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    Usage,
+    now,
+    random_id,
+)
+from tunedesk.serve.streaming import sse
+
+
+class Choices:
+    """Accumulates text and finish reasons per choice index."""
+
+    def __init__(self, n: int) -> None:
+        self.texts = [""] * n
+        self.finish: list[str | None] = [None] * n
+        self.tokens = 0
+
+    def add(self, out: SeqOutput) -> None:
+        self.texts[out.index] += out.text
+        self.tokens += out.tokens
+        if out.finish_reason is not None:
+            self.finish[out.index] = out.finish_reason
+
+
+class ChatFormat:
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id = random_id("chatcmpl")
+        self.created = now()
+        self.model = model
+        self.include_usage = include_usage
+        self._exclude = None if include_usage else {"usage"}
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+        chunk = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return sse(chunk, exclude=self._exclude)
+
+    def opening(self, n: int) -> bytes:
+        # Sent before the first token, as OpenAI does: the client learns the stream is live,
+        # and anything failing later arrives as an in-band error chunk.
+        delta = ChoiceDelta(role="assistant", content="")
+        return b"".join(self._chunk([ChunkChoice(index=i, delta=delta)]) for i in range(n))
+
+    def pieces(self, outs: list[SeqOutput]) -> bytes:
+        parts: list[bytes] = []
+        for out in outs:
+            if out.text:
+                delta = ChoiceDelta(content=out.text)
+                parts.append(self._chunk([ChunkChoice(index=out.index, delta=delta)]))
+            if out.finish_reason is not None:
+                choice = ChunkChoice(
+                    index=out.index,
+                    delta=ChoiceDelta(),
+                    finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                )
+                parts.append(self._chunk([choice]))
+        return b"".join(parts)
+
+    def usage(self, usage: Usage) -> bytes:
+        return sse(
+            ChatCompletionChunk(
+                id=self.id, created=self.created, model=self.model, choices=[], usage=usage
+            )
+        )
+
+    def response(self, choices: Choices, usage: Usage) -> ChatCompletion:
+        return ChatCompletion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=ChatCompletionMessage(content=text),
+                    finish_reason=choices.finish[i] or "stop",  # type: ignore[arg-type]
+                )
+                for i, text in enumerate(choices.texts)
+            ],
+            usage=usage,
+        )
+
+
+class CompletionFormat:
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id = random_id("cmpl")
+        self.created = now()
+        self.model = model
+        self.include_usage = include_usage
+        self._exclude = None if include_usage else {"usage"}
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        chunk = Completion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return sse(chunk, exclude=self._exclude)
+
+    def opening(self, n: int) -> bytes:
+        return b""
+
+    def pieces(self, outs: list[SeqOutput]) -> bytes:
+        parts = [
+            self._chunk(
+                [
+                    CompletionChoice(
+                        text=out.text,
+                        index=out.index,
+                        finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                    )
+                ]
+            )
+            for out in outs
+            if out.text or out.finish_reason is not None
+        ]
+        return b"".join(parts)
+
+    def usage(self, usage: Usage) -> bytes:
+        return sse(
+            Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+        )
+
+    def response(self, choices: Choices, usage: Usage) -> Completion:
+        return Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[
+                CompletionChoice(text=text, index=i, finish_reason=choices.finish[i] or "stop")  # type: ignore[arg-type]
+                for i, text in enumerate(choices.texts)
+            ],
+            usage=usage,
+        )

@@ -1,0 +1,329 @@
+"""OpenAI semantics on the local engine: a request becomes sequences in the model's batcher,
+and their outputs become a JSON response or an SSE stream.
+
+Chat prompts are rendered by `tunedesk.chat_format.encode_prompt`, the same code that renders
+training data, so the served model sees exactly the format it was trained on; generation ends
+on the format's `stop_token_ids`. Legacy completions feed the prompt text as the tokenizer
+encodes raw text (OpenAI semantics: no chat template).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+from tunedesk.serve.context import RequestContext
+from tunedesk.serve.engines.base import ApiCall
+from tunedesk.serve.engines.local.batcher import SeqOutput
+from tunedesk.serve.engines.local.formats import ChatFormat, Choices, CompletionFormat
+from tunedesk.serve.engines.local.generation import Generation
+from tunedesk.serve.engines.local.models import LoadedModel, LocalModels
+from tunedesk.serve.engines.local.sampling import SamplingParams
+from tunedesk.serve.errors import BadRequest, ContextLengthExceeded, EngineFailure, OpenAIError
+from tunedesk.serve.metrics import Metrics
+from tunedesk.serve.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    Usage,
+)
+from tunedesk.serve.settings import ServeSettings
+from tunedesk.serve.streaming import DONE, ManagedStreamingResponse, sse_error, unless_disconnected
+
+from tunedesk.chat_format import ChatFormatError, encode_prompt
+
+log = logging.getLogger("tunedesk.serve")
+
+Format = ChatFormat | CompletionFormat
+
+
+def _unsupported(param: str) -> BadRequest:
+    return BadRequest(f"`{param}` is not supported by the transformers engine.", param=param)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages -> the plain role/content dicts the chat template renders."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise BadRequest(
+                        f"Content parts of type `{part.type}` are not supported; send text.",
+                        param=f"messages[{i}].content[{j}].type",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        # `developer` is OpenAI's newer name for the system turn.
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": content or ""})
+    return out
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+class _Timing:
+    """TTFT once per request; one per-output-token interval per generated token."""
+
+    def __init__(self, metrics: Metrics, model: str, ctx: RequestContext, n: int) -> None:
+        self.metrics, self.model, self.ctx = metrics, model, ctx
+        self._last: list[float | None] = [None] * n
+
+    def observe(self, outs: list[SeqOutput]) -> None:
+        tokens = 0
+        for out in outs:
+            if not out.tokens:
+                continue
+            tokens += out.tokens
+            if self.ctx.first_token_at is None:
+                self.ctx.first_token_at = out.at
+                self.metrics.ttft.labels(self.model).observe(out.at - self.ctx.started)
+            last = self._last[out.index]
+            if last is not None:
+                self.metrics.tpot.labels(self.model).observe(out.at - last)
+            self._last[out.index] = out.at
+        if tokens:
+            self.metrics.completion_tokens.labels(self.model).inc(tokens)
+            self.ctx.add_tokens(completion=tokens)
+
+
+class LocalServing:
+    def __init__(self, models: LocalModels, settings: ServeSettings, metrics: Metrics) -> None:
+        self.models = models
+        self.settings = settings
+        self.metrics = metrics
+
+    # --- limits --------------------------------------------------------------------------
+
+    def _check_n(self, n: int) -> None:
+        if n > self.settings.max_n:
+            raise BadRequest(f"n must be at most {self.settings.max_n} on this server.", param="n")
+
+    def _check_prompt(self, lm: LoadedModel, prompt_len: int, param: str) -> None:
+        limit = min(self.settings.max_prompt_tokens or lm.context_len, lm.context_len - 1)
+        if prompt_len > limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum prompt length is {limit} tokens. However, your "
+                f"{'messages' if param == 'messages' else 'prompt'} resulted in {prompt_len} "
+                "tokens. Please reduce the length of the input.",
+                param=param,
+            )
+
+    def _max_tokens(
+        self, lm: LoadedModel, prompt_len: int, requested: int | None, param: str, what: str
+    ) -> int:
+        cap = self.settings.max_tokens_cap
+        if requested is None:
+            return max(1, min(cap, lm.context_len - prompt_len))
+        if requested > cap:
+            raise BadRequest(
+                f"max_tokens is too large: {requested}. This server allows at most {cap} "
+                "completion tokens.",
+                param=param,
+            )
+        if prompt_len + requested > lm.context_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {lm.context_len} tokens. However, you "
+                f"requested {prompt_len + requested} tokens ({prompt_len} in the {what}, "
+                f"{requested} in the completion). Please reduce the length of the {what} or "
+                "completion.",
+                param=what,
+            )
+        return requested
+
+    @staticmethod
+    def _params(
+        body: ChatCompletionRequest | CompletionRequest, max_tokens: int, i: int
+    ) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            # n choices from one seed must differ, and each must be reproducible on its own.
+            seed=None if body.seed is None else body.seed + i,
+            stop=_stops(body.stop),
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            ignore_eos=body.ignore_eos,
+        )
+
+    # --- chat ----------------------------------------------------------------------------
+
+    async def chat(self, call: ApiCall[ChatCompletionRequest]) -> Response:
+        body = call.body
+        if body.logprobs or body.top_logprobs:
+            raise _unsupported("logprobs")
+        if body.logit_bias:
+            raise _unsupported("logit_bias")
+        if body.tools or body.tool_choice not in (None, "none"):
+            raise _unsupported("tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise _unsupported("response_format")
+        n = body.num_sequences()
+        self._check_n(n)
+        lm = await self.models.get(body.model)
+        messages = template_messages(body.messages)
+        try:
+            prompt = encode_prompt(lm.tokenizer, messages)
+        except ChatFormatError as exc:
+            raise BadRequest(str(exc), param="messages") from None
+        self._check_prompt(lm, len(prompt), "messages")
+        requested = body.max_completion_tokens or body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        max_tokens = self._max_tokens(lm, len(prompt), requested, param, "messages")
+        jobs = [(prompt, self._params(body, max_tokens, i)) for i in range(n)]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        fmt = ChatFormat(body.model, include_usage)
+        logged = {"messages": messages} if self.settings.log_content else None
+        return await self._respond(call, lm, jobs, len(prompt), fmt, bool(body.stream), logged)
+
+    # --- completions ---------------------------------------------------------------------
+
+    async def completion(self, call: ApiCall[CompletionRequest]) -> Response:
+        body = call.body
+        if body.echo:
+            raise _unsupported("echo")
+        if body.logprobs is not None:
+            raise _unsupported("logprobs")
+        if body.suffix:
+            raise _unsupported("suffix")
+        if body.logit_bias:
+            raise _unsupported("logit_bias")
+        if body.best_of is not None and body.best_of != (body.n or 1):
+            raise _unsupported("best_of")
+        n = body.n or 1
+        self._check_n(n)
+        prompts = body.prompts()
+        if not prompts:
+            raise BadRequest("prompt must not be empty.", param="prompt")
+        lm = await self.models.get(body.model)
+        encoded: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                # The tokenizer's own raw-text encoding (a BOS where the model uses one), as
+                # OpenAI and vLLM feed a completions prompt: no chat template.
+                ids = lm.tokenizer(p)["input_ids"]
+            else:
+                ids = list(p)
+                if any(not 0 <= t < len(lm.tokenizer) for t in ids):
+                    raise BadRequest("prompt contains out-of-vocabulary token ids.", param="prompt")
+            if not ids:
+                raise BadRequest("prompt must not be empty.", param="prompt")
+            self._check_prompt(lm, len(ids), "prompt")
+            encoded.append(ids)
+        longest = max(len(ids) for ids in encoded)
+        max_tokens = self._max_tokens(lm, longest, body.max_tokens, "max_tokens", "prompt")
+        jobs = [
+            (ids, self._params(body, max_tokens, j)) for ids in encoded for j in range(n)
+        ]  # choice index = prompt index * n + j, as OpenAI numbers them
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        fmt = CompletionFormat(body.model, include_usage)
+        logged = {"prompt": prompts} if self.settings.log_content else None
+        prompt_tokens = sum(len(ids) for ids in encoded)
+        return await self._respond(call, lm, jobs, prompt_tokens, fmt, bool(body.stream), logged)
+
+    # --- shared --------------------------------------------------------------------------
+
+    async def _respond(
+        self,
+        call: ApiCall[Any],
+        lm: LoadedModel,
+        jobs: list[tuple[list[int], SamplingParams]],
+        prompt_tokens: int,
+        fmt: Format,
+        stream: bool,
+        logged: dict[str, Any] | None,
+    ) -> Response:
+        ctx, name = call.ctx, lm.spec.name
+        ctx.model = name
+        ctx.content = logged
+        gen = Generation(lm.batcher, jobs, call.deadline)
+        ctx.add_tokens(prompt=prompt_tokens)
+        self.metrics.prompt_tokens.labels(name).inc(prompt_tokens)
+        timing = _Timing(self.metrics, name, ctx, len(jobs))
+        choices = Choices(len(jobs))
+        if stream:
+            response = ManagedStreamingResponse(
+                self._stream(gen, fmt, timing, choices, prompt_tokens)
+            )
+            # Also here, not only in the generator's `finally`: a client that leaves before the
+            # first chunk means the generator never started and its `finally` never runs.
+            response.on_close(lambda: self._close(gen, ctx, name, completed=gen.finished))
+            return response
+        try:
+            await unless_disconnected(call.http, self._collect(gen, timing, choices))
+        except OpenAIError as err:
+            ctx.error_code = err.code
+            raise
+        finally:
+            self._close(gen, ctx, name, completed=gen.finished)
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=choices.tokens,
+            total_tokens=prompt_tokens + choices.tokens,
+        )
+        self._finish_ctx(ctx, choices)
+        return JSONResponse(fmt.response(choices, usage).model_dump(mode="json"))
+
+    @staticmethod
+    async def _collect(gen: Generation, timing: _Timing, choices: Choices) -> None:
+        while not gen.finished:
+            outs = await gen.next_outputs()
+            timing.observe(outs)
+            for out in outs:
+                choices.add(out)
+
+    async def _stream(
+        self, gen: Generation, fmt: Format, timing: _Timing, choices: Choices, prompt_tokens: int
+    ) -> AsyncIterator[bytes]:
+        ctx = timing.ctx
+        try:
+            yield fmt.opening(len(choices.texts))
+            while not gen.finished:
+                outs = await gen.next_outputs()
+                timing.observe(outs)
+                for out in outs:
+                    choices.add(out)
+                data = fmt.pieces(outs)
+                if data:
+                    yield data
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=choices.tokens,
+                total_tokens=prompt_tokens + choices.tokens,
+            )
+            if fmt.include_usage:  # a last chunk with the usage and no choices
+                yield fmt.usage(usage)
+            yield DONE
+        except OpenAIError as err:
+            ctx.error_code = err.code
+            yield sse_error(err)
+        except Exception as exc:  # never leave a client hanging on a half stream
+            log.exception("stream failed")
+            err = EngineFailure(f"Generation failed: {exc}")
+            ctx.error_code = err.code
+            yield sse_error(err)
+        finally:
+            self._close(gen, ctx, timing.model, completed=gen.finished)
+            self._finish_ctx(ctx, choices)
+
+    def _close(self, gen: Generation, ctx: RequestContext, model: str, completed: bool) -> None:
+        # Sequences still open here were abandoned: the client left (or a sibling failed).
+        if gen.close() and not completed and ctx.error_code is None:
+            ctx.disconnected = True
+            self.metrics.aborted.labels(model).inc()
+
+    @staticmethod
+    def _finish_ctx(ctx: RequestContext, choices: Choices) -> None:
+        ctx.finish_reasons = [f or "aborted" for f in choices.finish]
+        if ctx.content is not None:
+            ctx.content["output"] = choices.texts

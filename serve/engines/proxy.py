@@ -1,0 +1,175 @@
+"""Forwarding engine: the client's request bytes go upstream unchanged and the upstream's
+response bytes come back unchanged, streamed chunk by chunk as they arrive.
+
+Nothing is parsed on the hot path. The only extra work per chunk is noting the first chunk's
+time (TTFT) and, for a non-streamed JSON answer, reading its `usage` for the access log and
+token counters. Used as is for `--engine upstream` and by the vLLM engine for its child.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.responses import Response
+from tunedesk.serve.engines.base import ApiCall, Engine
+from tunedesk.serve.errors import BadGateway, GatewayTimeout, OpenAIError, Unavailable
+from tunedesk.serve.metrics import Metrics
+from tunedesk.serve.protocol import ChatCompletionRequest, CompletionRequest
+from tunedesk.serve.registry import ModelRegistry
+from tunedesk.serve.streaming import ManagedStreamingResponse, sse_error, unless_disconnected
+
+log = logging.getLogger("tunedesk.serve")
+
+# Hop-by-hop and length headers are the proxy's own business, never copied across.
+_DROP_RESPONSE_HEADERS = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "content-encoding",
+    "server",
+    "date",
+    "x-request-id",  # ours is added by the access log (and was sent upstream)
+}
+
+
+def normalise_base_url(url: str) -> str:
+    """`http://h:8000/v1/` and `http://h:8000` both mean the server at http://h:8000."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+class ProxyEngine(Engine):
+    kind = "upstream"
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        max_connections: int = 256,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__(registry, metrics)
+        self.base_url = normalise_base_url(base_url)
+        self._api_key = api_key
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            # Reads can legitimately wait long between tokens of a queued request.
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+        self._ready_at = 0.0
+        self._ready: tuple[bool, str] = (False, "not checked yet")
+
+    async def stop(self) -> None:
+        await self._client.aclose()
+
+    def _headers(self, call: ApiCall[Any]) -> dict[str, str]:
+        # The client's Authorization was for this gateway; upstream gets the gateway's own key.
+        headers = {"content-type": "application/json", "x-request-id": call.ctx.request_id}
+        accept = call.http.headers.get("accept")
+        if accept:
+            headers["accept"] = accept
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    async def ready(self) -> tuple[bool, str]:
+        # Cached for a second so a tight readiness probe doesn't hammer the upstream.
+        if time.monotonic() - self._ready_at < 1.0:
+            return self._ready
+        try:
+            r = await self._client.get("/v1/models", headers=self._auth_header(), timeout=5.0)
+            self._ready = (r.status_code == 200, f"upstream answered {r.status_code}")
+        except httpx.HTTPError as exc:
+            self._ready = (False, f"upstream unreachable: {type(exc).__name__}")
+        self._ready_at = time.monotonic()
+        return self._ready
+
+    def _auth_header(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    async def models(self, call: ApiCall[None]) -> Response:
+        return await self._forward("GET", "/v1/models", call)
+
+    async def chat_completions(self, call: ApiCall[ChatCompletionRequest]) -> Response:
+        return await self._forward("POST", "/v1/chat/completions", call)
+
+    async def completions(self, call: ApiCall[CompletionRequest]) -> Response:
+        return await self._forward("POST", "/v1/completions", call)
+
+    async def _forward(self, method: str, path: str, call: ApiCall[Any]) -> Response:
+        request = self._client.build_request(
+            method,
+            path,
+            content=call.raw if method == "POST" else None,
+            headers=self._headers(call),
+            timeout=httpx.Timeout(max(1.0, call.deadline - time.monotonic()), connect=10.0),
+        )
+        try:
+            upstream = await unless_disconnected(call.http, self._client.send(request, stream=True))
+        except httpx.TimeoutException:
+            raise GatewayTimeout("The upstream server did not answer in time.") from None
+        except httpx.HTTPError as exc:
+            raise Unavailable(
+                f"The upstream server is unreachable ({type(exc).__name__})."
+            ) from None
+        headers = {
+            k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS
+        }
+        media = upstream.headers.get("content-type", "")
+        if "text/event-stream" not in media:
+            try:
+                body = await unless_disconnected(call.http, upstream.aread())
+            except httpx.HTTPError as exc:
+                raise BadGateway(
+                    f"The upstream response broke off ({type(exc).__name__})."
+                ) from None
+            finally:
+                await upstream.aclose()
+            call.ctx.first_token_at = call.ctx.first_token_at or time.perf_counter()
+            self._note_usage(call, body, upstream.status_code)
+            return Response(body, status_code=upstream.status_code, headers=headers)
+        response = ManagedStreamingResponse(
+            self._relay(upstream, call), status_code=upstream.status_code, headers=headers
+        )
+        response.on_close(upstream.aclose)
+        return response
+
+    async def _relay(self, upstream: httpx.Response, call: ApiCall[Any]) -> AsyncIterator[bytes]:
+        first = True
+        try:
+            async for chunk in upstream.aiter_raw():
+                if first:
+                    first = False
+                    ttft = call.ctx.mark_first_token()
+                    if ttft is not None and call.ctx.model:
+                        self.metrics.ttft.labels(call.ctx.model).observe(ttft)
+                yield chunk
+        except httpx.HTTPError as exc:
+            err: OpenAIError = BadGateway(f"The upstream stream broke off ({type(exc).__name__}).")
+            call.ctx.error_code = err.code
+            yield sse_error(err)
+
+    def _note_usage(self, call: ApiCall[Any], body: bytes, status: int) -> None:
+        if status != 200 or not call.ctx.model or b'"usage"' not in body:
+            return
+        try:
+            usage = json.loads(body).get("usage") or {}
+        except (ValueError, AttributeError):
+            return
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(completion, int):
+            call.ctx.add_tokens(prompt=prompt, completion=completion)
+            self.metrics.prompt_tokens.labels(call.ctx.model).inc(prompt)
+            self.metrics.completion_tokens.labels(call.ctx.model).inc(completion)

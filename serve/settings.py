@@ -1,0 +1,91 @@
+"""Server settings: command-line flags override `TUNEDESK_*` environment variables, which
+override the defaults here. Secrets are `SecretStr` so no repr or log line ever shows them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+EngineKind = Literal["transformers", "vllm", "upstream"]
+
+
+def _split_commas(value: object) -> object:
+    # TUNEDESK_API_KEYS=a,b is friendlier than the JSON list pydantic-settings expects.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEDESK_", extra="ignore")
+
+    # --- what to serve
+    model: str | None = None
+    """A model folder, a fine-tuning job id with a merged model, or (vLLM/transformers) a hub id."""
+    served_model_name: str | None = None
+    """The name clients use in `model`; default: the folder name or job id."""
+    loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """LoRA adapters served beside the base, as NAME=PATH."""
+    engine: EngineKind = "transformers"
+    upstream_url: str | None = None
+    """Base URL of the OpenAI-compatible server `--engine upstream` forwards to."""
+    upstream_api_key: SecretStr | None = None
+
+    # --- where
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # --- who may call
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_key_file: Path | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- how much
+    max_running: int = Field(default=16, ge=1)
+    """Sequences generated at once (the batch); more requests wait in the queue."""
+    max_queued: int = Field(default=64, ge=0)
+    """Requests allowed to wait for a batch slot; beyond running + queued the answer is 429."""
+    retry_after_s: int = Field(default=1, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    """Longest prompt accepted; default: the model's context length."""
+    max_tokens_cap: int = Field(default=4096, ge=1)
+    """Most tokens one completion may ask for."""
+    max_n: int = Field(default=8, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+    # --- fine-tuning API
+    finetune: bool = False
+    """Serve OpenAI's fine-tuning API (/v1/files, /v1/fine_tuning/jobs) on the workspace
+    (TUNEDESK_HOME); jobs train in subprocesses. Uploads count against max_body_bytes."""
+    finetune_max_jobs: int = Field(default=1, ge=1)
+    """Fine-tuning jobs trained (or merged) at once; later ones wait queued."""
+
+    # --- observability
+    log_content: bool = False
+    """Include messages and outputs in the access log (off: they may hold customer data)."""
+
+    # --- transformers engine
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cpu_threads: int | None = Field(default=None, ge=1)
+    """Torch threads for a model on CPU; default half the cores (at most 8)."""
+
+    # --- vLLM engine
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    vllm_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    vllm_startup_timeout_s: float = Field(default=900.0, gt=0)
+
+    _split = field_validator("loras", "api_keys", "cors_origins", mode="before")(_split_commas)
+
+    @field_validator("vllm_args", mode="before")
+    @classmethod
+    def _split_spaces(cls, value: object) -> object:
+        if isinstance(value, str):
+            import shlex
+
+            return shlex.split(value)
+        return value

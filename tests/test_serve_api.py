@@ -1,0 +1,370 @@
+"""The OpenAI-compatible API end to end: a real uvicorn server on 127.0.0.1 with the tiny model,
+called with the official `openai` client (and raw httpx where the client hides the wire)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+from test_serve_support import (
+    build_tiny,
+    cache_root,
+    corrupt_model,
+    metric,
+    nan_model,
+    serve,
+    sse_events,
+)
+from tunedesk.serve.auth import KeyStore
+from tunedesk.serve.registry import ModelRegistry
+from tunedesk.serve.settings import ServeSettings
+
+KEY = "sk-test-full"
+WIDGET_KEY = "sk-test-widget"
+ORIGIN = "http://widget.example"
+MSG = [{"role": "user", "content": "申购费是多少？"}]
+
+
+@pytest.fixture(scope="module")
+def server(pytestconfig, tmp_path_factory):
+    root = cache_root(pytestconfig, tmp_path_factory)
+    tiny = build_tiny(root)
+    scratch = tmp_path_factory.mktemp("api")
+    keyfile = scratch / "keys"
+    keyfile.write_text(f"{KEY}\n{WIDGET_KEY} name=widget scopes=chat models=tiny\n")
+    settings = ServeSettings(
+        api_key_file=keyfile,
+        cors_origins=[ORIGIN],
+        max_running=4,
+        max_queued=8,
+        max_body_bytes=20_000,
+        max_n=4,
+        max_tokens_cap=1000,
+        cpu_threads=1,
+    )
+    registry = ModelRegistry()
+    registry.register("tiny", str(tiny))
+    registry.register("tiny-nan", str(nan_model(tiny, scratch / "nan")))
+    registry.register("tiny-broken", str(corrupt_model(tiny, scratch / "broken")))
+    keys = KeyStore.load([], keyfile)
+    with serve(settings, registry, keys=keys) as srv:
+        srv.registry = registry
+        srv.tiny = tiny
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def _post(server, path, body=None, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}", **kw.pop("headers", {})}
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60, **kw)
+
+
+def _error(response, status):
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+# --- happy paths ------------------------------------------------------------------------
+
+
+def test_chat_completion_shape_and_usage(server, client):
+    from transformers import AutoTokenizer
+
+    from tunedesk.chat_format import encode_prompt
+
+    r = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.object == "chat.completion" and r.model == "tiny" and r.id.startswith("chatcmpl-")
+    (choice,) = r.choices
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 6
+    # The prompt is the training rendering of the conversation, token for token.
+    tok = AutoTokenizer.from_pretrained(server.tiny)
+    assert r.usage.prompt_tokens == len(encode_prompt(tok, MSG))
+
+
+def test_stream_at_temperature_zero_reassembles_to_the_same_text(client):
+    kw = dict(model="tiny", messages=MSG, max_tokens=40, temperature=0)
+    full = client.chat.completions.create(**kw)
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == [full.choices[0].finish_reason]
+    # include_usage: every chunk but the last has usage null; the last has no choices.
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(server):
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 3, "stream": True}
+    events = sse_events(_post(server, "/v1/chat/completions", body).content)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in c and c["choices"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_stop_sequences_cut_stream_and_non_stream_alike(client):
+    kw = dict(
+        model="tiny", messages=MSG, max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+    )
+    full = client.chat.completions.create(**kw)
+    text = full.choices[0].message.content
+    stop = text[5:8]
+    cut = client.chat.completions.create(**kw, stop=[stop, "never-there"])
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(**kw, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text[: text.index(stop)]
+
+
+def test_n_choices_with_seed_are_distinct_and_reproducible(client):
+    kw = dict(model="tiny", messages=MSG, max_tokens=12, temperature=1.0, seed=11, n=2)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.content != a.choices[1].message.content
+    streamed = client.chat.completions.create(**kw, stream=True)
+    texts = ["", ""]
+    for c in streamed:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts == [c.message.content for c in a.choices]
+
+
+def test_completions_raw_prompt_and_stream(client):
+    r = client.completions.create(model="tiny", prompt="question ->", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0
+    streamed = client.completions.create(
+        model="tiny", prompt="question ->", max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    several = client.completions.create(model="tiny", prompt=["a", "申购"], max_tokens=2, n=2)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+
+
+def test_models_lists_every_served_model_and_runtime_registration(server, client):
+    ids = {m.id for m in client.models.list()}
+    assert {"tiny", "tiny-nan", "tiny-broken"} <= ids
+    name = "ft:tiny:faq:ftjob-test1"
+    server.registry.register(name, str(server.tiny), parent="tiny")
+    try:
+        models = {m.id: m for m in client.models.list()}
+        assert name in models and models[name].parent == "tiny"
+        r = client.chat.completions.create(model=name, messages=MSG, max_tokens=2)
+        assert r.model == name and r.usage.completion_tokens >= 1
+    finally:
+        server.registry.unregister(name)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=name, messages=MSG, max_tokens=2)
+
+
+# --- auth -------------------------------------------------------------------------------
+
+
+def test_auth_failures_are_401_in_openai_shape_and_health_stays_open(server):
+    for key in (None, "sk-wrong"):
+        bad = OpenAI(base_url=server.base_url, api_key=key or "x", max_retries=0)
+        if key is None:
+            r = httpx.post(f"{server.base_url}/chat/completions", json={"model": "tiny"})
+        else:
+            with pytest.raises(openai.AuthenticationError):
+                bad.models.list()
+            r = httpx.get(f"{server.base_url}/models", headers={"Authorization": f"Bearer {key}"})
+        err = _error(r, 401)
+        assert err["type"] == "invalid_request_error" and "sk-wrong" not in r.text
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_widget_key_limited_to_chat_on_named_models(server):
+    widget = OpenAI(base_url=server.base_url, api_key=WIDGET_KEY, max_retries=0)
+    assert widget.chat.completions.create(model="tiny", messages=MSG, max_tokens=1).choices
+    with pytest.raises(openai.NotFoundError):
+        widget.chat.completions.create(model="tiny-nan", messages=MSG, max_tokens=1)
+    with pytest.raises(openai.PermissionDeniedError):
+        widget.completions.create(model="tiny", prompt="x", max_tokens=1)
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def test_bad_json_and_bad_fields_are_400_naming_the_param(server):
+    r = httpx.post(
+        f"{server.base_url}/chat/completions",
+        content=b'{"model": "tiny", "messages": [',
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert _error(r, 400)["code"] == "invalid_json"
+    err = _error(
+        _post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSG, "temperature": 5}),
+        400,
+    )
+    assert err["param"] == "temperature" and err["type"] == "invalid_request_error"
+    bad_role = [{"role": "wizard", "content": "hi"}]
+    err = _error(
+        _post(server, "/v1/chat/completions", {"model": "tiny", "messages": bad_role}), 400
+    )
+    assert err["param"] == "messages[0].role"
+    err = _error(_post(server, "/v1/chat/completions", {"model": "tiny"}), 400)
+    assert err["param"] == "messages"
+    err = _error(
+        _post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSG, "n": 9}), 400
+    )
+    assert err["param"] == "n"
+    err = _error(
+        _post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSG, "logprobs": True}),
+        400,
+    )
+    assert err["param"] == "logprobs"
+
+
+def test_context_length_and_max_tokens_limits(client):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny", messages=MSG, max_tokens=5000)
+    assert exc.value.body["param"] == "max_tokens"
+    long = [{"role": "user", "content": "申购费 " * 1500}]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny", messages=long, max_tokens=10)
+    assert exc.value.code == "context_length_exceeded"
+
+
+def test_unknown_model_and_route_are_404(server, client):
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.chat.completions.create(model="no-such-model", messages=MSG)
+    assert exc.value.code == "model_not_found" and exc.value.body["param"] == "model"
+    err = _error(httpx.get(f"{server.url}/v1/nothing-here"), 404)
+    assert "nothing-here" in err["message"]
+
+
+def test_body_too_large_is_413_by_header_and_by_stream(server):
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 30_000}]}
+    assert (
+        _error(_post(server, "/v1/chat/completions", big), 413)["type"] == "invalid_request_error"
+    )
+
+    def chunks():  # no Content-Length: the size is only known while reading
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 4096):
+            yield data[i : i + 4096]
+
+    r = httpx.post(
+        f"{server.base_url}/chat/completions",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    _error(r, 413)
+
+
+def test_model_that_fails_to_load_is_503_and_server_survives(server, client):
+    for _ in range(2):  # the failure is remembered, not retried on every request
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.chat.completions.create(model="tiny-broken", messages=MSG, max_tokens=2)
+        assert exc.value.status_code == 503
+        assert exc.value.body["type"] == "server_error"
+    assert client.chat.completions.create(model="tiny", messages=MSG, max_tokens=1).choices
+
+
+def test_model_producing_nan_is_500_and_mid_stream_error_chunk(server, client):
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="tiny-nan", messages=MSG, max_tokens=4)
+    assert exc.value.body["code"] == "engine_error"
+    body = {"model": "tiny-nan", "messages": MSG, "max_tokens": 4, "stream": True}
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200  # the stream had started: the error travels in-band
+    events = sse_events(r.content)
+    assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+    err = json.loads(events[-2])["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "non-finite" in err["message"]
+    assert events[-1] == "[DONE]"
+    assert client.chat.completions.create(model="tiny", messages=MSG, max_tokens=1).choices
+
+
+# --- browser, metrics, logs -------------------------------------------------------------
+
+
+def test_cors_preflight_allows_only_listed_origins(server):
+    headers = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    ok = httpx.options(f"{server.base_url}/chat/completions", headers={**headers, "Origin": ORIGIN})
+    assert ok.status_code == 200
+    assert ok.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+    other = httpx.options(
+        f"{server.base_url}/chat/completions", headers={**headers, "Origin": "http://evil.example"}
+    )
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_metrics_expose_latency_histograms_counters_and_queue(server, client):
+    client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=4, extra_body={"ignore_eos": True}
+    )
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        "tunedesk_time_to_first_token_seconds_bucket",
+        "tunedesk_time_per_output_token_seconds_bucket",
+        "tunedesk_request_duration_seconds_bucket",
+    ):
+        assert name in text
+    assert metric(text, "tunedesk_time_to_first_token_seconds_count", model="tiny") >= 1
+    assert metric(text, "tunedesk_time_per_output_token_seconds_count", model="tiny") >= 3
+    assert metric(text, "tunedesk_completion_tokens_total", model="tiny") >= 4
+    assert metric(text, "tunedesk_prompt_tokens_total", model="tiny") > 0
+    assert metric(text, "tunedesk_requests_total", route="/v1/chat/completions", status="200") >= 1
+    assert "tunedesk_queue_depth 0.0" in text
+
+
+def test_access_log_is_one_json_line_without_content_or_key(server, caplog):
+    caplog.set_level(logging.INFO, logger="tunedesk.serve.access")
+    secret_question = "我的账户密码是多少"
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": secret_question}],
+            "max_tokens": 2,
+        },
+        headers={"X-Request-Id": "req-log-test"},
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-log-test"
+    deadline = time.monotonic() + 5
+    lines: list[dict] = []
+    while not lines and time.monotonic() < deadline:  # written as the response completes
+        lines = [
+            json.loads(rec.getMessage())
+            for rec in caplog.records
+            if rec.name == "tunedesk.serve.access" and "req-log-test" in rec.getMessage()
+        ]
+        time.sleep(0.02)
+    (line,) = lines
+    assert line["status"] == 200 and line["model"] == "tiny" and line["key"] == "keys:1"
+    assert line["prompt_tokens"] > 0 and line["completion_tokens"] >= 1
+    assert line["latency_ms"] >= line["ttft_ms"] > 0
+    assert secret_question not in caplog.text and KEY not in caplog.text

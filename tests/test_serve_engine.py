@@ -1,0 +1,264 @@
+"""The transformers engine's parts without HTTP: batching, detokenisation, stop strings,
+sampling, and the auth and admission building blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+import torch
+from test_serve_support import build_tiny, cache_root
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from tunedesk.serve.admission import Admission
+from tunedesk.serve.auth import ALL_SCOPES, KeyFileError, KeyStore
+from tunedesk.serve.engines.local.batcher import StepBatcher
+from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
+from tunedesk.serve.engines.local.generation import Generation
+from tunedesk.serve.engines.local.sampling import SamplingParams, sample
+from tunedesk.serve.errors import BadRequest, GatewayTimeout, RateLimited
+
+PROMPTS = [
+    "申购费是多少",
+    "FOF基金在基金分类里指什么，请详细说明",
+    "赎回",
+    "管理费每年0.50%至0.70%，托管费每年0.15%；投资本公司管理的基金部分",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(pytestconfig, tmp_path_factory):
+    path = build_tiny(cache_root(pytestconfig, tmp_path_factory))
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    # The reference generate() runs here; a 64-wide model gains nothing from intra-op threads
+    # and loses a lot to them on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield model, tok
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def batcher(tiny):
+    model, tok = tiny
+    b = StepBatcher(model, tok, stop_ids=[2, 0], context_len=2048, max_batch=8, cpu_threads=1)
+    b.start()
+    yield b
+    b.stop()
+
+
+async def _generate(batcher, prompt, delay=0.0, **params):
+    await asyncio.sleep(delay)
+    params.setdefault("max_tokens", 24)
+    params.setdefault("temperature", 0.0)
+    gen = Generation(batcher, [(prompt, SamplingParams(**params))], time.monotonic() + 60)
+    text, tokens, finish = "", 0, None
+    while not gen.finished:
+        for out in await gen.next_outputs():
+            text, tokens = text + out.text, tokens + out.tokens
+            finish = out.finish_reason or finish
+    return text, tokens, finish
+
+
+def test_batched_greedy_equals_generate_alone_and_joining_mid_batch(tiny, batcher):
+    model, tok = tiny
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+
+    async def run():
+        alone = [await _generate(batcher, p, ignore_eos=True) for p in prompts]
+        # Staggered starts: later prompts join a batch that is already decoding.
+        together = await asyncio.gather(
+            *[_generate(batcher, p, delay=0.03 * i, ignore_eos=True) for i, p in enumerate(prompts)]
+        )
+        return alone, together
+
+    alone, together = asyncio.run(run())
+    assert alone == list(together)
+    for p, (text, tokens, finish) in zip(prompts, alone, strict=True):
+        ref = model.generate(
+            torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        assert text == tok.decode(ref[0, len(p) :], skip_special_tokens=True)
+        assert (tokens, finish) == (24, "length")
+
+
+def test_one_prefill_of_mixed_lengths_matches_each_alone(tiny, batcher):
+    _, tok = tiny
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+
+    async def run():
+        # One submit: all four are prefilled together, left-padded to the longest.
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        gen = Generation(batcher, [(p, params) for p in prompts], time.monotonic() + 60)
+        texts = [""] * len(prompts)
+        while not gen.finished:
+            for out in await gen.next_outputs():
+                texts[out.index] += out.text
+        return texts
+
+    together = asyncio.run(run())
+    alone = [asyncio.run(_generate(batcher, p, max_tokens=12, ignore_eos=True))[0] for p in prompts]
+    assert together == alone
+
+
+def test_seed_reproduces_a_sample_whatever_else_is_in_the_batch(tiny, batcher):
+    _, tok = tiny
+    a, b = (tok(p)["input_ids"] for p in PROMPTS[:2])
+
+    async def run():
+        mixed = await asyncio.gather(
+            _generate(batcher, a, temperature=1.0, top_p=0.9, seed=7),
+            _generate(batcher, b, temperature=1.0, seed=3),
+        )
+        alone = await _generate(batcher, a, temperature=1.0, top_p=0.9, seed=7)
+        other = await _generate(batcher, a, temperature=1.0, top_p=0.9, seed=8)
+        return mixed[0], alone, other
+
+    mixed, alone, other = asyncio.run(run())
+    assert mixed == alone
+    assert other != alone
+
+
+def test_end_of_turn_token_stops_without_text(tiny):
+    model, tok = tiny
+    prompt = tok(PROMPTS[0])["input_ids"]
+    first = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+    # Make the token the model is about to emit an end token: generation stops on it.
+    b = StepBatcher(model, tok, stop_ids=[first], context_len=2048, max_batch=2, cpu_threads=1)
+    b.start()
+    try:
+        text, tokens, finish = asyncio.run(_generate(b, prompt, max_tokens=10))
+        assert (text, tokens, finish) == ("", 1, "stop")
+        text, tokens, finish = asyncio.run(_generate(b, prompt, max_tokens=3, ignore_eos=True))
+        assert (tokens, finish) == (3, "length")
+    finally:
+        b.stop()
+
+
+def test_stop_string_is_cut_and_not_emitted(tiny, batcher):
+    _, tok = tiny
+    prompt = tok(PROMPTS[0])["input_ids"]
+    full, _, _ = asyncio.run(_generate(batcher, prompt, max_tokens=30, ignore_eos=True))
+    stop = full[4:7]
+    assert len(stop) == 3
+    text, _, finish = asyncio.run(
+        _generate(batcher, prompt, max_tokens=30, stop=[stop], ignore_eos=True)
+    )
+    assert text == full[: full.index(stop)]
+    assert finish == "stop"
+
+
+def test_deadline_times_out_and_frees_the_slot(tiny, batcher):
+    _, tok = tiny
+    prompt = tok(PROMPTS[0])["input_ids"]
+
+    async def run():
+        params = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+        gen = Generation(batcher, [(prompt, params)], time.monotonic() + 0.3)
+        with pytest.raises(GatewayTimeout):
+            while not gen.finished:
+                await gen.next_outputs()
+        assert gen.close() is True
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 5
+    while batcher.running:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_incremental_detokenizer_matches_full_decode(tiny):
+    _, tok = tiny
+    text = "申购费1.5%，T+1到账。Fund fees: 0.15% p.a.；管理费每年0.50%"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    d = IncrementalDetokenizer(tok)
+    pieces = [d.step(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    # Random ids split characters mid-byte; held-back bytes come out at the end, as decode has.
+    rng = random.Random(0)
+    for generic in (False, True):
+        for _ in range(30):
+            ids = [rng.randrange(len(tok)) for _ in range(30)]
+            d = IncrementalDetokenizer(tok)
+            if generic:
+                d._stream = None  # the any-tokenizer path
+            out = "".join(d.step(i) for i in ids) + d.flush()
+            assert out == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    m = StopMatcher(["END", "。\n"])
+    assert m.feed("abc E") == "abc "
+    assert m.feed("N") == ""
+    assert m.feed("x") == "ENx"
+    assert m.feed("好。") == "好"
+    assert m.feed("\n后面") == ""
+    assert m.stopped and m.text == "abc ENx好"
+    m = StopMatcher(["END"])
+    assert m.feed("aEN") == "a"
+    assert m.flush() == "EN"
+
+
+def test_sampling_temperature_top_p_penalties_and_seed():
+    logits = torch.tensor([[2.0, 1.9, -5.0, 0.0], [2.0, 1.9, -5.0, 0.0]])
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    # Greedy picks the argmax; a frequency penalty on what was already said changes it.
+    assert sample(logits, [greedy, greedy], [None, None], [[], []]) == [0, 0]
+    penalised = SamplingParams(max_tokens=1, temperature=0.0, frequency_penalty=0.2)
+    assert sample(logits[:1], [penalised], [None], [[0]]) == [1]
+    presence = SamplingParams(max_tokens=1, temperature=0.0, presence_penalty=0.5)
+    assert sample(logits[:1], [presence], [None], [[0, 0, 0]]) == [1]
+    # top_p small enough keeps only the top token, however hot the temperature.
+    narrow = SamplingParams(max_tokens=1, temperature=2.0, top_p=0.3, seed=1)
+    gens = [narrow.make_generator(torch.device("cpu")) for _ in range(1)]
+    assert {sample(logits[:1], [narrow], gens, [[]])[0] for _ in range(20)} == {0}
+    # A seed fixes the draws; no seed draws fresh ones.
+    hot = SamplingParams(max_tokens=1, temperature=1.5, seed=42)
+
+    def draws(p):
+        g = p.make_generator(torch.device("cpu"))
+        return [sample(logits[:1], [p], [g], [[]])[0] for _ in range(30)]
+
+    assert draws(hot) == draws(hot)
+    assert len(set(draws(hot))) > 1
+
+
+def test_key_store_scopes_and_constant_time_lookup(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text(
+        "# comment\nsk-full\n\nsk-widget name=widget scopes=chat models=ft:a,ft:b  # the widget\n"
+    )
+    store = KeyStore.load(["sk-env"], f)
+    assert len(store) == 3 and not store.open
+    assert store.verify("sk-env").name == "key-1"
+    full = store.verify("sk-full")
+    assert full.scopes == ALL_SCOPES and full.models is None
+    widget = store.verify("sk-widget")
+    assert widget.name == "widget" and widget.scopes == {"chat"}
+    assert widget.allows_model("ft:a") and not widget.allows_model("base")
+    assert store.verify("sk-nope") is None and store.verify("") is None
+    f.write_text("sk-secret-value colour=blue\n")
+    with pytest.raises(KeyFileError) as exc:
+        KeyStore.load([], f)
+    assert "sk-secret-value" not in str(exc.value) and ":1:" in str(exc.value)
+    assert KeyStore.load([], None).open
+
+
+def test_admission_bounds_running_plus_queued():
+    a = Admission(max_running=2, max_queued=1, retry_after_s=3)
+    t1, t2 = a.acquire(), a.acquire(weight=1)
+    t3 = a.acquire()
+    assert (a.running, a.queued) == (2, 1)
+    with pytest.raises(RateLimited) as exc:
+        a.acquire()
+    assert exc.value.status == 429 and exc.value.headers["Retry-After"] == "3"
+    with pytest.raises(BadRequest):
+        a.acquire(weight=4)
+    t3.release()
+    t3.release()  # idempotent
+    assert a.active == 2
+    t1.release(), t2.release()
+    assert a.active == 0

@@ -1,0 +1,117 @@
+"""Shared pieces of the serve tests: the tiny model (built once, cached across runs), broken
+variants of it, and servers started for real on 127.0.0.1.
+
+The other test_serve_* modules import from here; the one test below checks the cache itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+TINY = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    intermediate_size=128,
+)
+
+
+def _source_digest() -> str:
+    import tunedesk.train.sample_data as sample_data
+    import tunedesk.train.tiny_base as tiny_base
+
+    h = hashlib.sha256(json.dumps(TINY, sort_keys=True).encode())
+    for module in (tiny_base, sample_data):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_tiny(root: Path) -> Path:
+    """The tiny Qwen2 model under `root`, rebuilt only when its recipe's source changes."""
+    from tunedesk.train.sample_data import generate_pairs
+    from tunedesk.train.tiny_base import TinyBaseConfig, build_tiny_base
+
+    out = root / f"tiny-{_source_digest()}"
+    if not (out / "model.safetensors").exists():
+        pairs = generate_pairs(300)
+        texts = [p["prompt"] for p in pairs] + [p["completion"] for p in pairs]
+        build_tiny_base(out, texts, TinyBaseConfig(**TINY), log=lambda _: None)
+    return out
+
+
+def cache_root(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("tunedesk-serve"))
+    return tmp_path_factory.mktemp("tunedesk-serve")
+
+
+def nan_model(base: Path, out: Path) -> Path:
+    """Same model with NaN in its final norm: loads fine, every forward yields NaN logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def corrupt_model(base: Path, out: Path) -> Path:
+    """Same folder with the weight file cut short: loading it fails."""
+    shutil.copytree(base, out)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    return out
+
+
+@contextmanager
+def serve(settings, registry, engine=None, keys=None, ready_timeout=120):
+    """A real uvicorn server in a thread, ready (default model loaded) when yielded."""
+    from tunedesk.serve.app import create_app
+    from tunedesk.serve.engines.factory import build_engine
+    from tunedesk.serve.testing import ServerThread
+
+    engine = engine or build_engine(settings, registry)
+    with ServerThread(create_app(settings, engine, keys=keys)) as server:
+        server.wait_ready(timeout=ready_timeout)
+        yield server
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text output (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == name or (want and key == f"{name}{{{want}}}"):
+            return float(value)
+    return 0.0
+
+
+def sse_events(raw: bytes) -> list[str]:
+    return [
+        line[len("data: ") :]
+        for line in raw.decode("utf-8").split("\n\n")
+        if line.startswith("data: ")
+    ]
+
+
+def test_tiny_model_is_cached(pytestconfig, tmp_path_factory):
+    root = cache_root(pytestconfig, tmp_path_factory)
+    first = build_tiny(root)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny(root) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (first / "chat_template.jinja").exists() or (first / "tokenizer_config.json").exists()

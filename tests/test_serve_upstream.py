@@ -1,0 +1,104 @@
+"""The upstream engine: a tunedesk gateway in front of a second, real tunedesk server. The
+gateway forwards the client's bytes and streams the upstream's bytes back."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+from test_serve_support import build_tiny, cache_root, metric, serve, sse_events
+from tunedesk.serve.registry import ModelRegistry
+from tunedesk.serve.settings import ServeSettings
+from tunedesk.serve.testing import ServerThread
+
+MSG = [{"role": "user", "content": "基金定投怎么收费？"}]
+
+
+@pytest.fixture(scope="module")
+def servers(pytestconfig, tmp_path_factory):
+    tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
+    registry = ModelRegistry()
+    registry.register("tiny", str(tiny))
+    backend_settings = ServeSettings(api_keys=["sk-backend"], max_running=4, cpu_threads=1)
+    with serve(backend_settings, registry) as backend:
+        gateway_settings = ServeSettings(
+            engine="upstream",
+            upstream_url=backend.base_url,
+            upstream_api_key="sk-backend",
+            api_keys=["sk-gateway"],
+        )
+        with serve(gateway_settings, ModelRegistry()) as gateway:
+            yield backend, gateway
+
+
+def test_gateway_answers_like_the_upstream(servers):
+    backend, gateway = servers
+    direct = OpenAI(base_url=backend.base_url, api_key="sk-backend", max_retries=0)
+    via = OpenAI(base_url=gateway.base_url, api_key="sk-gateway", max_retries=0)
+    kw = dict(model="tiny", messages=MSG, max_tokens=20, temperature=0)
+    a = direct.chat.completions.create(**kw)
+    b = via.chat.completions.create(**kw)
+    assert b.choices[0].message.content == a.choices[0].message.content
+    assert b.usage == a.usage
+    chunks = list(
+        via.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == a.choices[0].message.content
+    )
+    assert chunks[-1].usage == a.usage
+    assert [m.id for m in via.models.list()] == [m.id for m in direct.models.list()]
+    c = via.completions.create(model="tiny", prompt="question ->", max_tokens=3, temperature=0)
+    assert (
+        c.choices[0].text
+        == direct.completions.create(
+            model="tiny", prompt="question ->", max_tokens=3, temperature=0
+        )
+        .choices[0]
+        .text
+    )
+
+
+def test_gateway_keeps_its_own_keys_and_passes_upstream_errors(servers):
+    backend, gateway = servers
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=gateway.base_url, api_key="sk-backend", max_retries=0).models.list()
+    via = OpenAI(base_url=gateway.base_url, api_key="sk-gateway", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as exc:
+        via.chat.completions.create(model="nope", messages=MSG)
+    assert exc.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as exc:
+        via.chat.completions.create(model="tiny", messages=MSG, max_tokens=10**6)
+    r = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": "tiny", "messages": MSG, "max_tokens": 2, "stream": True},
+        headers={"Authorization": "Bearer sk-gateway"},
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.content)
+    assert events[-1] == "[DONE]" and json.loads(events[0])["model"] == "tiny"
+    text = httpx.get(f"{gateway.url}/metrics").text
+    assert metric(text, "tunedesk_requests_total", route="/v1/chat/completions", status="200") >= 1
+    assert metric(text, "tunedesk_time_to_first_token_seconds_count", model="tiny") >= 1
+
+
+def test_gateway_with_unreachable_upstream_is_503_and_not_ready():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ServeSettings(engine="upstream", upstream_url=f"http://127.0.0.1:{port}/v1")
+    from tunedesk.serve.app import create_app
+    from tunedesk.serve.engines.factory import build_engine
+
+    app = create_app(settings, build_engine(settings, ModelRegistry()))
+    with ServerThread(app) as gw:
+        assert httpx.get(f"{gw.url}/ready").status_code == 503
+        assert httpx.get(f"{gw.url}/health").status_code == 200
+        r = httpx.post(f"{gw.base_url}/chat/completions", json={"model": "tiny", "messages": MSG})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"

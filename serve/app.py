@@ -18,6 +18,7 @@ from tunedesk.serve.errors import install_error_handlers
 from tunedesk.serve.routes import router
 from tunedesk.serve.service import OpenAIService
 from tunedesk.serve.settings import ServeSettings
+from tunedesk.serve.widget import router as widget_router
 
 from tunedesk import __version__
 
@@ -66,6 +67,7 @@ def create_app(settings: ServeSettings, engine: Engine, keys: KeyStore | None = 
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(widget_router)
     if settings.finetune:
         from tunedesk.serve.finetune import install_finetuning
 

@@ -7,10 +7,15 @@ early exit, so timing reveals neither which key nor how much of one matched.
 Key file: one key per line, `#` comments, optional attributes after the key:
 
     sk-live-abc123                                   full access
-    sk-widget-xyz name=widget scopes=chat models=ft:tiny:faq:ftjob-1
+    wk-public-xyz name=widget scopes=chat models=ft:tiny:faq:ftjob-1 rate=30/min
 
-`scopes` (comma-separated): chat, completions, models, or `*` (default). `models`: the served
-model names the key may use (default: all). A later widget key adds a rate limit the same way.
+`scopes` (comma-separated): chat, completions, models, fine-tune, or `*` (default). `models`:
+the served model names the key may use (default: all). `rate`: requests per minute (or `/s`,
+`/h`) the key may make, as a token bucket with a burst of that many per minute.
+
+A *widget key* is meant to sit in a public web page, where anyone can read it: give it only
+`scopes=chat`, name its models and give it a rate. Such a key can chat with those models and
+nothing else (listing models, completions, files and fine-tuning all answer 403).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-ALL_SCOPES = frozenset({"chat", "completions", "models"})
+ALL_SCOPES = frozenset({"chat", "completions", "models", "fine-tune"})
+_PER = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class ApiKey:
     scopes: frozenset[str] = ALL_SCOPES
     models: frozenset[str] | None = None
     """Served model names this key may use; None: every model."""
+    rate_per_s: float | None = None
+    """Requests per second this key may make on average; None: unlimited."""
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes
@@ -57,7 +65,7 @@ def parse_key_line(line: str, default_name: str) -> ApiKey | None:
     if not text:
         return None
     secret, *attrs = text.split()
-    name, scopes, models = default_name, ALL_SCOPES, None
+    name, scopes, models, rate = default_name, ALL_SCOPES, None, None
     for attr in attrs:
         key, sep, value = attr.partition("=")
         if not sep:
@@ -74,9 +82,44 @@ def parse_key_line(line: str, default_name: str) -> ApiKey | None:
             scopes = ALL_SCOPES if "*" in items else items
         elif key == "models":
             models = items
+        elif key == "rate":
+            rate = parse_rate(value)
         else:
-            raise KeyFileError(f"unknown attribute {key!r} (name, scopes, models)")
-    return ApiKey(name=name, digest=_digest(secret), scopes=scopes, models=models)
+            raise KeyFileError(f"unknown attribute {key!r} (name, scopes, models, rate)")
+    return ApiKey(name=name, digest=_digest(secret), scopes=scopes, models=models, rate_per_s=rate)
+
+
+def parse_rate(value: str) -> float:
+    """`30/min` -> 0.5 requests per second."""
+    count, _, per = value.partition("/")
+    try:
+        n = float(count)
+        seconds = _PER[per or "min"]
+    except (ValueError, KeyError):
+        raise KeyFileError(f"rate must look like 30/min (or /s, /h), got {value!r}") from None
+    if n <= 0:
+        raise KeyFileError(f"rate must be positive, got {value!r}")
+    return n / seconds
+
+
+class RateLimiter:
+    """Token buckets per key: a key may burst up to one minute's worth, then its rate."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[bytes, tuple[float, float]] = {}
+
+    def acquire(self, key: ApiKey, now: float) -> float:
+        """0 if the request may go now, else the seconds until it may."""
+        if key.rate_per_s is None:
+            return 0.0
+        capacity = max(1.0, key.rate_per_s * 60)
+        tokens, last = self._buckets.get(key.digest, (capacity, now))
+        tokens = min(capacity, tokens + (now - last) * key.rate_per_s)
+        if tokens < 1:
+            self._buckets[key.digest] = (tokens, now)
+            return (1 - tokens) / key.rate_per_s
+        self._buckets[key.digest] = (tokens - 1, now)
+        return 0.0
 
 
 class KeyStore:

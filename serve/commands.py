@@ -29,6 +29,7 @@ _DIRECT = {
     "tensor_parallel_size": "tensor_parallel_size",
     "finetune": "finetune",
     "finetune_max_jobs": "finetune_max_jobs",
+    "widget_demo_key": "widget_demo_key",
 }
 _LISTS = {
     "api_key": "api_keys",
@@ -95,6 +96,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve OpenAI's fine-tuning API (/v1/files, /v1/fine_tuning/jobs) on this workspace",
     )
     p.add_argument("--finetune-max-jobs", type=int, default=None, help="jobs trained at once")
+    p.add_argument(
+        "--widget-demo-key",
+        default=None,
+        metavar="KEY",
+        help="key the /widget/demo page embeds (a widget key: scopes=chat models=... rate=...)",
+    )
     p.add_argument(
         "--vllm-arg",
         action="append",

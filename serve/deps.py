@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 from tunedesk.serve.admission import Admission
-from tunedesk.serve.auth import ANONYMOUS, ApiKey, KeyStore, bearer_token
+from tunedesk.serve.auth import ANONYMOUS, ApiKey, KeyStore, RateLimiter, bearer_token
 from tunedesk.serve.context import RequestContext
 from tunedesk.serve.engines.base import ApiCall, Engine
-from tunedesk.serve.errors import AuthenticationFailed
+from tunedesk.serve.errors import AuthenticationFailed, RateLimited
 from tunedesk.serve.metrics import Metrics
 from tunedesk.serve.service import OpenAIService
 from tunedesk.serve.settings import ServeSettings
@@ -25,6 +26,7 @@ class AppState:
     admission: Admission
     metrics: Metrics
     service: OpenAIService
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
 
 
 def get_state(request: Request) -> AppState:
@@ -58,6 +60,12 @@ def authenticate(request: Request, state: StateDep, ctx: ContextDep) -> ApiKey:
         # Never echo any part of the key: it may be a real key for another system.
         raise AuthenticationFailed("Incorrect API key provided.")
     ctx.key_name = key.name
+    wait = state.rate_limiter.acquire(key, time.monotonic())
+    if wait > 0:
+        raise RateLimited(
+            f"Rate limit reached for key {key.name}; try again in {wait:.1f} s.",
+            retry_after_s=max(1, math.ceil(wait)),
+        )
     return key
 
 

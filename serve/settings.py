@@ -64,6 +64,10 @@ class ServeSettings(BaseSettings):
     finetune_max_jobs: int = Field(default=1, ge=1)
     """Fine-tuning jobs trained (or merged) at once; later ones wait queued."""
 
+    # --- chat widget
+    widget_demo_key: str | None = None
+    """Key the /widget/demo page embeds (use a widget key: scopes=chat, named models, a rate)."""
+
     # --- observability
     log_content: bool = False
     """Include messages and outputs in the access log (off: they may hold customer data)."""

@@ -13,9 +13,28 @@ import unicodedata
 
 from .records import Record
 
-# Full-width punctuation blocks, the ellipsis, and full-width currency signs.
-_PROTECTED = "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\u2026\uffe0-\uffe6\ufe10-\ufe19"
-_PROTECTED_SPLIT = re.compile(f"([{_PROTECTED}]+)")
+
+def _protected_chars() -> list[str]:
+    """Full-width punctuation blocks, the ellipsis, full-width currency signs, vertical forms."""
+    chars = []
+    for lo, hi in (
+        (0xFF01, 0xFF0F),
+        (0xFF1A, 0xFF20),
+        (0xFF3B, 0xFF40),
+        (0xFF5B, 0xFF65),
+        (0x2026, 0x2026),
+        (0xFFE0, 0xFFE6),
+        (0xFE10, 0xFE19),
+    ):
+        chars.extend(chr(c) for c in range(lo, hi + 1))
+    return chars
+
+
+# Protected characters are swapped for private-use code points (which NFKC leaves alone)
+# around the normalisation, with two C-speed str.translate calls.
+_PRIVATE = 0xF0000
+_HIDE = {ord(c): _PRIVATE + i for i, c in enumerate(_protected_chars())}
+_SHOW = {v: k for k, v in _HIDE.items()}
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPACES = re.compile(r"[ \t\u00a0\u3000\u2000-\u200a\u202f\u205f]+")
 _TRAILING = re.compile(r" +\n")
@@ -24,11 +43,12 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 
 def nfkc_keep_cjk_punct(text: str) -> str:
     """NFKC, except that full-width CJK punctuation and the ellipsis are left as they are."""
-    if text.isascii() or unicodedata.is_normalized("NFKC", text):
+    if text.isascii():
         return text
-    parts = _PROTECTED_SPLIT.split(text)
-    # Odd indices are the captured protected runs.
-    return "".join(p if i % 2 else unicodedata.normalize("NFKC", p) for i, p in enumerate(parts))
+    hidden = text.translate(_HIDE)
+    if unicodedata.is_normalized("NFKC", hidden):
+        return text
+    return unicodedata.normalize("NFKC", hidden).translate(_SHOW)
 
 
 def normalize_text(text: str) -> str:

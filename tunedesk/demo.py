@@ -43,8 +43,15 @@ def _ask(model_dir: Path, timings: list[tuple[str, float]]) -> str:
 
     port = _free_port()
     title = "serve and ask one question"
-    cmd = ["serve", "--model", str(model_dir), "--port", str(port),
-           "--served-model-name", "fund-assistant"]
+    cmd = [
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "fund-assistant",
+    ]
     print(f"\n\033[1m==> {title}\033[0m\n$ tunedesk {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "tunedesk", *cmd])
@@ -86,17 +93,47 @@ def main() -> int:
     started = time.perf_counter()
     job = f"ftjob-{secrets.token_hex(6)}"
     merged = Path("models") / f"{job}-merged"
-    _run("build the tiny base (offline)", "base", "build", "--pretrain-steps",
-         os.environ.get("TUNEDESK_DEMO_PRETRAIN_STEPS", "0"), timings=timings)
-    _run("generate the sample fund Q&A", "data", "sample", "--out", "data/fund_qa.jsonl",
-         timings=timings)
-    _run("prepare: validate, clean, dedup, split", "prepare", "data/fund_qa.jsonl", "--out",
-         "data/prepared", "--show", "5", timings=timings)
+    _run(
+        "build the tiny base (offline)",
+        "base",
+        "build",
+        "--pretrain-steps",
+        os.environ.get("TUNEDESK_DEMO_PRETRAIN_STEPS", "0"),
+        timings=timings,
+    )
+    _run(
+        "generate the sample fund Q&A",
+        "data",
+        "sample",
+        "--out",
+        "data/fund_qa.jsonl",
+        timings=timings,
+    )
+    _run(
+        "prepare: validate, clean, dedup, split",
+        "prepare",
+        "data/fund_qa.jsonl",
+        "--out",
+        "data/prepared",
+        "--show",
+        "5",
+        timings=timings,
+    )
     _run("QLoRA fine-tune", "train", "configs/tiny-cpu.yaml", "--job-id", job, timings=timings)
     _run("merge the adapter", "merge", job, "--out", str(merged), timings=timings)
-    _run("evaluate base vs fine-tuned", "eval", "--model", "base=models/tiny-base",
-         "--model", f"ft={job}", "--data", "data/prepared/test.jsonl", "--out",
-         "out/eval", timings=timings)
+    _run(
+        "evaluate base vs fine-tuned",
+        "eval",
+        "--model",
+        "base=models/tiny-base",
+        "--model",
+        f"ft={job}",
+        "--data",
+        "data/prepared/test.jsonl",
+        "--out",
+        "out/eval",
+        timings=timings,
+    )
     _ask(merged, timings)
 
     total = time.perf_counter() - started
@@ -111,8 +148,10 @@ def main() -> int:
         try:
             base_f1 = models["base"]["metrics"]["char_f1"]
             ft_f1 = models["ft"]["metrics"]["char_f1"]
-            print(f"  held-out char-F1: base {base_f1:.3f} -> fine-tuned {ft_f1:.3f} "
-                  f"({ft_f1 - base_f1:+.3f})")
+            print(
+                f"  held-out char-F1: base {base_f1:.3f} -> fine-tuned {ft_f1:.3f} "
+                f"({ft_f1 - base_f1:+.3f})"
+            )
         except (KeyError, TypeError):
             pass
         print("  report: out/eval/report.html")

@@ -44,11 +44,12 @@ format: install
 test: install browser lint
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
 
-# The main job end to end on the embedded default (CPU, no downloads).
+# The main job end to end on the embedded default (CPU, no downloads): build the tiny base,
+# generate and prepare the data, QLoRA-train, merge, evaluate base vs fine-tuned, then serve
+# and ask one question through the openai client. See tunedesk/demo.py.
+DEMO_PRETRAIN_STEPS ?= 80
 demo: install
-	$(TD) base build --pretrain-steps 0
-	$(TD) data sample --out data/fund_qa.jsonl
-	$(TD) prepare data/fund_qa.jsonl --out data/prepared --show 5
+	TUNEDESK_DEMO_PRETRAIN_STEPS=$(DEMO_PRETRAIN_STEPS) $(PY) -m tunedesk.demo
 
 bench: install
 	$(PY) bench/prepare_speed.py

@@ -144,16 +144,12 @@ def main() -> int:
     summary_path = Path("out/eval/summary.json")
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        models = summary.get("models", summary)
-        try:
-            base_f1 = models["base"]["metrics"]["char_f1"]
-            ft_f1 = models["ft"]["metrics"]["char_f1"]
+        f1 = {m["label"]: m["metrics"].get("char_f1") for m in summary.get("models", [])}
+        if f1.get("base") is not None and f1.get("ft") is not None:
             print(
-                f"  held-out char-F1: base {base_f1:.3f} -> fine-tuned {ft_f1:.3f} "
-                f"({ft_f1 - base_f1:+.3f})"
+                f"  held-out char-F1: base {f1['base']:.3f} -> fine-tuned {f1['ft']:.3f} "
+                f"({f1['ft'] - f1['base']:+.3f})"
             )
-        except (KeyError, TypeError):
-            pass
         print("  report: out/eval/report.html")
     return 0
 

@@ -1,0 +1,481 @@
+"""Serving load: `tunedesk serve` vs a peer server on the same model, one server at a time.
+
+CPU (default): tunedesk (transformers engine) vs `transformers serve --continuous-batching`.
+
+    python bench/serve_load.py --requests 64                  # builds a tiny base if needed
+    python bench/serve_load.py --model PATH/merged --requests 64
+
+GPU (documented, not runnable on a CPU box): tunedesk's vLLM engine (which starts and proxies
+a `vllm serve` child) vs `vllm serve` directly on the same model and the same vLLM arguments:
+
+    python bench/serve_load.py --engine vllm --model Qwen/Qwen2.5-0.5B-Instruct \\
+        --vllm-arg=--max-model-len=4096 --concurrency 1 8 32 128 --requests 256
+
+Each server runs as a subprocess on 127.0.0.1 (its own process group, killed at the end, also
+on error), is polled until ready and warmed up, then driven with the official AsyncOpenAI
+client: streaming chat completions, temperature 0, `max_tokens` (default 64), `ignore_eos`
+sent to tunedesk and vLLM (`transformers serve` answers 422 to it, so it is not sent there: it
+may stop early on eos; the table shows mean output tokens per request). Output tokens come from the final usage chunk (stream_options include_usage),
+or from counting content chunks when a server sends no usage. Per concurrency level: req/s,
+output tok/s, TTFT p50/p95, latency p50; then tunedesk/peer ratios.
+
+Targets (c=8 and c=32): tunedesk >= 2x peer output tok/s and <= 0.5x peer p50 TTFT;
+c=1: within 10% of the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+QUESTIONS = ["申购费怎么收？", "赎回多久到账？", "风险等级是什么？", "适合定投吗？"]
+
+
+@dataclass
+class Server:
+    label: str
+    argv: list[str]
+    env: dict[str, str]
+    model_name: str  # the `model` field requests send
+    ready_path: str  # polled until 200
+    port: int
+    log: Path
+    extra_body: dict | None = None  # per-server request extras (ignore_eos where supported)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+@dataclass
+class Level:
+    concurrency: int
+    sent: int = 0
+    ok: int = 0
+    errors: int = 0
+    elapsed_s: float = 0.0
+    output_tokens: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    latency_s: list[float] = field(default_factory=list)
+    first_error: str = ""
+
+    def summary(self) -> dict:
+        return {
+            "concurrency": self.concurrency,
+            "requests_ok": self.ok,
+            "errors": self.errors,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "req_s": self.ok / self.elapsed_s if self.elapsed_s else 0.0,
+            "out_tok_s": self.output_tokens / self.elapsed_s if self.elapsed_s else 0.0,
+            "tokens_per_req": self.output_tokens / self.ok if self.ok else 0.0,
+            "ttft_p50_ms": _pct(self.ttft_s, 50) * 1000,
+            "ttft_p95_ms": _pct(self.ttft_s, 95) * 1000,
+            "latency_p50_ms": _pct(self.latency_s, 50) * 1000,
+            "first_error": self.first_error,
+        }
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- server processes
+
+
+def _base_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def build_servers(args: argparse.Namespace, model: str, log_dir: Path) -> list[Server]:
+    name = args.served_model_name
+    env = _base_env(args.cpu_threads if args.engine == "transformers" else None)
+    port = _free_port()
+    td = [
+        sys.executable, "-m", "tunedesk", "serve",
+        "--model", model, "--engine", args.engine,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", name,
+        "--max-queued", str(max(64, args.requests)),
+    ]  # fmt: skip
+    if args.max_running:
+        td += ["--max-running", str(args.max_running)]
+    if args.engine == "transformers":
+        if args.cpu_threads:
+            td += ["--cpu-threads", str(args.cpu_threads)]
+        if args.device:
+            td += ["--device", args.device]
+    else:
+        if args.tensor_parallel_size:
+            td += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+        td += [f"--vllm-arg={a}" for a in args.vllm_arg]
+    fixed = {"ignore_eos": True}  # fixed-length outputs where the server supports it
+    servers = [Server("tunedesk", td, env, name, "/ready", port, log_dir / "tunedesk.log", fixed)]
+    if args.no_peer:
+        return servers
+
+    port = _free_port()
+    if args.engine == "transformers":
+        # `transformers serve` names the model by its path (or hub id); FORCE_MODEL preloads it.
+        peer = [
+            str(BIN / "transformers"), "serve", model,
+            "--continuous-batching",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--device", args.device or "cpu",
+            "--log-level", "warning",
+        ]  # fmt: skip
+        if args.peer_cb_max_batch_tokens:
+            peer += ["--cb-max-batch-tokens", str(args.peer_cb_max_batch_tokens)]
+        servers.append(
+            Server("transformers-serve-cb", peer, env, model, "/health", port, log_dir / "peer.log")
+        )
+    else:
+        peer = [
+            args.vllm_bin, "serve", model,
+            "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", name,
+        ]  # fmt: skip
+        if args.tensor_parallel_size:
+            peer += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+        peer += list(args.vllm_arg)
+        servers.append(
+            Server("vllm-direct", peer, env, name, "/health", port, log_dir / "peer.log", fixed)
+        )
+    return servers
+
+
+def start(server: Server) -> None:
+    fh = open(server.log, "wb")  # noqa: SIM115 - closed with the process
+    server.proc = subprocess.Popen(
+        server.argv,
+        cwd=ROOT,
+        env=server.env,
+        stdin=subprocess.DEVNULL,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # own process group: the vLLM child dies with it
+    )
+    fh.close()
+
+
+def stop(server: Server) -> None:
+    proc = server.proc
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _log_tail(server: Server, n: int = 25) -> str:
+    try:
+        lines = server.log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+async def wait_ready(server: Server, timeout: float) -> None:
+    """Poll the readiness path, then send warm-up completions until one succeeds."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        while True:
+            if server.proc is not None and server.proc.poll() is not None:
+                raise RuntimeError(f"{server.label} exited with {server.proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                r = await http.get(f"http://127.0.0.1:{server.port}{server.ready_path}")
+                if r.status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{server.label} not ready after {timeout:.0f}s")
+            await asyncio.sleep(0.25)
+    client = AsyncOpenAI(base_url=server.base_url, api_key="bench", max_retries=0, timeout=120)
+    last: Exception | None = None
+    for _ in range(3):  # warm-up: first request pays lazy loads, compiles, allocations
+        try:
+            stream = await client.chat.completions.create(
+                model=server.model_name,
+                messages=[{"role": "user", "content": "你好"}],
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+            )
+            async for _ in stream:
+                pass
+            await client.close()
+            return
+        except Exception as exc:  # noqa: BLE001 - reported below
+            last = exc
+            await asyncio.sleep(1)
+    await client.close()
+    raise RuntimeError(f"{server.label}: warm-up request failed: {last!r}")
+
+
+# ---------------------------------------------------------------- load
+
+
+async def _one(client, server: Server, max_tokens: int, i: int, level: Level) -> None:
+    start = time.perf_counter()
+    ttft = None
+    usage_tokens = None
+    chunks = 0
+    try:
+        stream = await client.chat.completions.create(
+            model=server.model_name,
+            messages=[{"role": "user", "content": f"第{i}个问题：{QUESTIONS[i % len(QUESTIONS)]}"}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=server.extra_body,
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+            if chunk.usage:
+                usage_tokens = chunk.usage.completion_tokens
+    except Exception as exc:  # noqa: BLE001 - counted, first one shown
+        level.errors += 1
+        level.first_error = level.first_error or f"{type(exc).__name__}: {exc}"[:300]
+        return
+    level.ok += 1
+    level.output_tokens += usage_tokens if usage_tokens is not None else chunks
+    level.ttft_s.append(ttft if ttft is not None else time.perf_counter() - start)
+    level.latency_s.append(time.perf_counter() - start)
+
+
+async def drive(server: Server, concurrency: int, args: argparse.Namespace) -> Level:
+    from openai import AsyncOpenAI
+
+    level = Level(concurrency)
+    client = AsyncOpenAI(
+        base_url=server.base_url,
+        api_key="bench",
+        max_retries=0,
+        timeout=args.request_timeout,
+        # Enough pooled connections for the level; the default pool (100) is fine up to 100.
+    )
+    counter = iter(range(args.requests))
+    stop_at = time.monotonic() + args.level_timeout
+
+    async def worker() -> None:
+        for i in counter:  # shared iterator: each request index is taken once
+            if time.monotonic() > stop_at:
+                return
+            level.sent += 1
+            await _one(client, server, args.max_tokens, i, level)
+
+    start = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    level.elapsed_s = time.perf_counter() - start
+    await client.close()
+    return level
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt_row(label: str, s: dict) -> str:
+    return (
+        f"| {label:<22} | {s['concurrency']:>3} | {s['requests_ok']:>4} | {s['errors']:>3} "
+        f"| {s['req_s']:>7.2f} | {s['out_tok_s']:>8.1f} | {s['tokens_per_req']:>6.1f} "
+        f"| {s['ttft_p50_ms']:>8.0f} | {s['ttft_p95_ms']:>8.0f} | {s['latency_p50_ms']:>8.0f} |"
+    )
+
+
+HEADER = (
+    "| server                 |   c |   ok | err |   req/s |  out t/s | tok/rq "
+    "| TTFT p50 | TTFT p95 |  lat p50 |\n"
+    "|------------------------|----:|-----:|----:|--------:|---------:|-------:"
+    "|---------:|---------:|---------:|"
+)
+
+
+def report(results: dict[str, list[dict]], labels: list[str]) -> None:
+    print("\nms for TTFT/latency; out t/s = output tokens/s over the level's wall time\n")
+    print(HEADER)
+    for label in labels:
+        for s in results.get(label, []):
+            print(_fmt_row(label, s))
+    if len(labels) < 2 or labels[1] not in results or labels[0] not in results:
+        return
+    ours, peer = results[labels[0]], {s["concurrency"]: s for s in results[labels[1]]}
+    print(f"\nratios {labels[0]}/{labels[1]} (target c>=8: tok/s >= 2.0, TTFT p50 <= 0.5)\n")
+    print("|   c | out tok/s ratio | TTFT p50 ratio | lat p50 ratio | target met |")
+    print("|----:|----------------:|---------------:|--------------:|:----------:|")
+    for s in ours:
+        p = peer.get(s["concurrency"])
+        if not p or not p["out_tok_s"] or not p["ttft_p50_ms"]:
+            continue
+        tput = s["out_tok_s"] / p["out_tok_s"]
+        ttft = s["ttft_p50_ms"] / p["ttft_p50_ms"]
+        lat = s["latency_p50_ms"] / p["latency_p50_ms"]
+        c1 = s["concurrency"] == 1
+        met = (tput >= 0.9 and ttft <= 1.1) if c1 else (tput >= 2.0 and ttft <= 0.5)
+        print(
+            f"| {s['concurrency']:>3} | {tput:>15.2f} | {ttft:>14.2f} | {lat:>13.2f} "
+            f"| {'yes' if met else 'no':^10} |"
+        )
+
+
+# ---------------------------------------------------------------- main
+
+
+def ensure_model(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    target = Path(tempfile.gettempdir()) / "tunedesk-serve-load" / "tiny-base"
+    if not (target / "config.json").is_file():
+        print(f"building the tiny base in {target} ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "tunedesk", "base", "build", "--out", str(target)]
+            + ["--pretrain-steps", "0"],
+            cwd=ROOT,
+            check=True,
+            timeout=600,
+        )
+    return str(target)
+
+
+async def bench_server(server: Server, args: argparse.Namespace) -> list[dict]:
+    print(f"\n== {server.label}: {' '.join(server.argv)}", flush=True)
+    t0 = time.monotonic()
+    start(server)
+    try:
+        await wait_ready(server, args.startup_timeout)
+        print(f"   ready in {time.monotonic() - t0:.1f}s", flush=True)
+        out = []
+        for c in args.concurrency:
+            level = await drive(server, c, args)
+            s = level.summary()
+            out.append(s)
+            print("   " + _fmt_row(server.label, s), flush=True)
+            if s["first_error"]:
+                print(f"   first error: {s['first_error']}", flush=True)
+        return out
+    finally:
+        stop(server)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    model = ensure_model(args)
+    log_dir = Path(tempfile.mkdtemp(prefix="serve-load-logs-"))
+    servers = build_servers(args, model, log_dir)
+    print(f"model {model}; logs in {log_dir}; {args.requests} requests per level, "
+          f"max_tokens {args.max_tokens}, concurrency {args.concurrency}")  # fmt: skip
+    results: dict[str, list[dict]] = {}
+    failures: dict[str, str] = {}
+    for server in servers:  # one at a time: they must not share the cores
+        try:
+            results[server.label] = await bench_server(server, args)
+        except Exception as exc:  # noqa: BLE001 - reported, the other server still runs
+            failures[server.label] = f"{exc}\n--- log tail ---\n{_log_tail(server)}"
+            print(f"!! {server.label} could not be benchmarked: {exc}", flush=True)
+    report(results, [s.label for s in servers])
+    for label, why in failures.items():
+        print(f"\n!! {label} FAILED: {why}")
+    if args.json_out:
+        Path(args.json_out).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "model": model,
+                    "results": results,
+                    "failures": failures,
+                    "servers": [
+                        {"label": s.label, "argv": s.argv, "log": str(s.log)} for s in servers
+                    ],
+                },
+                ensure_ascii=False,
+                indent=2,
+                default=str,
+            )
+        )
+    return 1 if "tunedesk" in failures else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder (default: build a tiny base)")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--served-model-name", default="bench")
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="torch threads for both servers on CPU (tunedesk --cpu-threads, peer OMP_NUM_THREADS)",
+    )
+    p.add_argument("--device", default=None, help="transformers engine device (default cpu)")
+    p.add_argument("--max-running", type=int, default=None, help="tunedesk batch (its default 16)")
+    p.add_argument("--peer-cb-max-batch-tokens", type=int, default=None)
+    p.add_argument("--no-peer", action="store_true", help="benchmark tunedesk only")
+    p.add_argument("--vllm-bin", default="vllm", help="vllm executable for the direct peer")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG")
+    p.add_argument("--tensor-parallel-size", type=int, default=None)
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--level-timeout",
+        type=float,
+        default=600.0,
+        help="stop sending new requests at a level after this many seconds",
+    )
+    p.add_argument("--json-out", default=None, help="also write the results as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device is None and args.engine == "transformers":
+        args.device = "cpu"
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

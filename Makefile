@@ -47,7 +47,7 @@ test: install browser lint
 # The main job end to end on the embedded default (CPU, no downloads): build the tiny base,
 # generate and prepare the data, QLoRA-train, merge, evaluate base vs fine-tuned, then serve
 # and ask one question through the openai client. See tunedesk/demo.py.
-DEMO_PRETRAIN_STEPS ?= 60
+DEMO_PRETRAIN_STEPS ?= 600
 demo: install
 	TUNEDESK_DEMO_PRETRAIN_STEPS=$(DEMO_PRETRAIN_STEPS) $(PY) -m tunedesk.demo
 

@@ -75,8 +75,9 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
             for f in facts
         )
         rows.append({"prompt": q, "completion": f"您好，{a}。案例{i}的详细说明请参考基金合同。"})
+    originals = rows[:base_n]
     for _ in range(n - base_n):
-        src = dict(rng.choice(rows[:base_n]))
+        src = dict(rng.choice(originals))
         # A near-duplicate: punctuation swapped and a polite word added.
         src["prompt"] = src["prompt"].replace("？", "?") + "谢谢"
         rows.append(src)

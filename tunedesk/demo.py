@@ -101,7 +101,7 @@ def main() -> int:
         "base",
         "build",
         "--pretrain-steps",
-        os.environ.get("TUNEDESK_DEMO_PRETRAIN_STEPS", "60"),
+        os.environ.get("TUNEDESK_DEMO_PRETRAIN_STEPS", "600"),
         "--pretrain-batch-size",
         "8",
         "--pretrain-seq-len",

@@ -40,10 +40,15 @@ def tiny(pytestconfig, tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def batcher(tiny):
+@pytest.fixture(scope="module", params=["lean", "transformers"])
+def batcher(tiny, request):
+    """Both runners: the lean forward (fastpath.py) and the model's own forward."""
     model, tok = tiny
-    b = StepBatcher(model, tok, stop_ids=[2, 0], context_len=2048, max_batch=8, cpu_threads=1)
+    lean = request.param == "lean"
+    b = StepBatcher(
+        model, tok, stop_ids=[2, 0], context_len=2048, max_batch=8, cpu_threads=1, lean=lean
+    )
+    assert b._runner.name == request.param
     b.start()
     yield b
     b.stop()

@@ -1,7 +1,8 @@
 """Step-level continuous batching on one model, in one worker thread.
 
 All running sequences advance together: each step is one batched forward of every sequence's
-last token over a shared left-padded KV cache (see kv.py), then per-sequence sampling. Between
+last token over a shared left-padded KV cache (see runners.py: the lean forward over a slab
+cache for Llama-family models, the model's own forward otherwise), then per-sequence sampling. Between
 steps, waiting sequences join: they are prefilled together in one forward and their caches
 merged into the batch, so a new request never waits for the running ones to finish. Finished,
 failed and aborted sequences leave between steps and free their slot at once.
@@ -10,7 +11,7 @@ Why not transformers' own continuous batching (`init_continuous_batching`)? It w
 but one manager shares a single sampling config (temperature, top_p, do_sample) across all
 requests and one global RNG, so per-request `temperature`/`seed` can't be honoured; on CPU its
 paged cache was also far slower than this for small batches. This batcher is plain PyTorch over
-the model's normal forward.
+the model's weights.
 
 The worker thread owns the model; the event loop only enqueues and aborts. Outputs go back with
 one `call_soon_threadsafe` per step and event loop, not one per token.
@@ -36,9 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from transformers import DynamicCache
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
-from tunedesk.serve.engines.local.kv import BatchCache, check_supported
+from tunedesk.serve.engines.local.runners import Runner, make_runner
 from tunedesk.serve.engines.local.sampling import SamplingParams, sample
 
 log = logging.getLogger("tunedesk.serve")
@@ -120,6 +120,7 @@ class StepBatcher:
         prefill_token_budget: int = 8192,
         cpu_threads: int | None = None,
         handoff_timeout_s: float = 0.02,
+        lean: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -140,7 +141,7 @@ class StepBatcher:
         self._aborts: set[int] = set()
         self._cv = threading.Condition()
         self._stopping = False
-        self._cache = BatchCache()
+        self._runner: Runner = make_runner(model, lean=lean)
         self._out: list[tuple[Sequence, SeqOutput]] = []
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -222,7 +223,7 @@ class StepBatcher:
         for seq in [*self._rows, *pending]:
             self._emit(seq, SeqOutput(seq.index, "", 0, error=message))
         self._rows = []
-        self._cache.reset()
+        self._runner.reset()
         self._flush()
 
     def _take_pending(self) -> list[Sequence]:
@@ -238,10 +239,12 @@ class StepBatcher:
         return new
 
     def _drop(self, ids: set[int]) -> None:
-        keep = [i for i, s in enumerate(self._rows) if s.id not in ids]
-        if len(keep) != len(self._rows):
-            self._rows = [self._rows[i] for i in keep]
-            self._cache.keep(keep)
+        self._remove([i for i, s in enumerate(self._rows) if s.id in ids])
+
+    def _remove(self, dead: list[int]) -> None:
+        if dead:
+            order = self._runner.remove(dead)
+            self._rows = [self._rows[i] for i in order]
 
     def _prefill(self, group: list[Sequence]) -> None:
         width = max(len(s.prompt) for s in group)
@@ -253,17 +256,8 @@ class StepBatcher:
         ids, mask = ids.to(self.device), mask.to(self.device)
         # Padding positions get position 0; they are masked out and never attended to.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
         try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            check_supported(cache)
+            logits = self._runner.prefill(ids, mask, positions)
         except Exception as exc:
             log.exception("prefill failed on %s", self.name)
             for s in group:
@@ -275,33 +269,24 @@ class StepBatcher:
             s.stops = StopMatcher(s.params.stop)
             s.generator = s.params.make_generator(self.device)
         self._rows.extend(group)
-        self._cache.append(cache, mask)
-        self._sample_and_emit(out.logits[:, -1, :], first_row=len(self._rows) - len(group))
+        self._sample_and_emit(logits, first_row=len(self._rows) - len(group))
 
     def _decode(self) -> None:
         ids = torch.tensor([[s.last_token] for s in self._rows], device=self.device)
         positions = torch.tensor([[s.position] for s in self._rows], device=self.device)
-        mask = self._cache.grow_mask()
         try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self._cache.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            logits = self._runner.decode(ids, positions)
         except Exception as exc:
             # One batched forward: no telling whose input broke it. Fail the batch, keep serving.
             log.exception("decode step failed on %s", self.name)
             for s in self._rows:
                 self._fail(s, f"decode failed: {exc}")
             self._rows = []
-            self._cache.reset()
+            self._runner.reset()
             return
         for s in self._rows:
             s.position += 1
-        self._sample_and_emit(out.logits[:, -1, :], first_row=0)
+        self._sample_and_emit(logits, first_row=0)
 
     def _sample_and_emit(self, logits: torch.Tensor, first_row: int) -> None:
         rows = self._rows[first_row:]
@@ -332,10 +317,7 @@ class StepBatcher:
                 tokens = []
             for s, token in zip(picked, tokens, strict=False):
                 self._advance(s, token)
-        if any(s.done for s in self._rows):
-            keep = [i for i, s in enumerate(self._rows) if not s.done]
-            self._rows = [self._rows[i] for i in keep]
-            self._cache.keep(keep)
+        self._remove([i for i, s in enumerate(self._rows) if s.done])
 
     def _advance(self, s: Sequence, token: int) -> None:
         s.generated.append(token)

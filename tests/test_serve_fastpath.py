@@ -1,0 +1,231 @@
+"""The lean forward (fastpath.py) and its slab cache against the transformers forward.
+
+The served numbers must be the model's numbers: logits are compared with `model(...)` on
+Qwen2- and Llama-shaped random models (q/k/v biases or not, grouped-query attention, a RoPE
+scaling variant), through prefill with left padding, decode steps, rows joining and leaving,
+and the slab's relayouts forced by tiny capacities.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+from tunedesk.serve.engines.local.fastpath import LeanDecoder, unsupported_reason
+from tunedesk.serve.engines.local.slab import SlabCache
+
+SMALL = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+)
+
+
+def _model(config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    # Random init is near-uniform; larger weights make logits differ in a way a bug would show.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model
+
+
+CONFIGS = {
+    "qwen2-bias-gqa": lambda: Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama-mha-scaled-rope": lambda: LlamaConfig(
+        **SMALL,
+        num_key_value_heads=4,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    ),
+    "llama-mqa-bias": lambda: LlamaConfig(**SMALL, num_key_value_heads=1, attention_bias=True),
+}
+
+
+def _reference_last_logits(model, tokens: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([tokens])).logits[0, -1]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_and_decode_match_the_transformers_forward(name):
+    model = _model(CONFIGS[name]())
+    assert unsupported_reason(model) is None
+    reference = _model(CONFIGS[name]())  # untouched by the fusing
+    lean = LeanDecoder(model)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(300) for _ in range(n)] for n in (5, 17, 1, 9)]
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    slab = lean.new_slab(torch.device("cpu"))
+    with torch.inference_mode():
+        logits, cache = lean.prefill(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
+        slab.join(cache, mask)
+        seqs = [list(p) for p in prompts]
+        for _step in range(6):
+            for i, seq in enumerate(seqs):
+                torch.testing.assert_close(
+                    logits[i], _reference_last_logits(reference, seq), atol=1e-4, rtol=1e-4
+                )
+            nxt = logits.argmax(-1)
+            for seq, t in zip(seqs, nxt.tolist(), strict=True):
+                seq.append(t)
+            positions = torch.tensor([[len(s) - 1] for s in seqs])
+            logits = lean.decode(nxt[:, None], positions, slab)
+
+
+def test_fused_weights_are_shared_not_copied():
+    model = _model(CONFIGS["qwen2-bias-gqa"]())
+    before = sum(p.numel() for p in model.parameters())
+    lean = LeanDecoder(model)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() != lean.layers[0].qkv_w.data_ptr()
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == (
+        lean.layers[0].qkv_w.untyped_storage().data_ptr()
+    )
+    assert sum(p.numel() for p in model.parameters()) == before
+
+
+def test_rows_join_and_leave_through_relayouts_and_stay_exact():
+    """A random schedule of joins, steps and removals on a slab with tiny capacities (so the
+    window moves, widens and the buffers grow many times); every row's logits at every step
+    equal the transformers forward over that row's tokens alone."""
+    model = _model(CONFIGS["qwen2-bias-gqa"]())
+    reference = _model(CONFIGS["qwen2-bias-gqa"]())
+    lean = LeanDecoder(model)
+    slab = SlabCache(2, 2, 16, torch.float32, torch.device("cpu"), row_quantum=2, col_quantum=8)
+    rng = random.Random(7)
+    rows: list[dict] = []  # per row: tokens so far, steps left, logits
+    relayouts = 0
+    with torch.inference_mode():
+        for _ in range(60):
+            if not rows or rng.random() < 0.3:
+                prompts = [[rng.randrange(300) for _ in range(rng.randint(1, 20))]]
+                prompts += [[rng.randrange(300) for _ in range(rng.randint(1, 20))]] * rng.randint(
+                    0, 1
+                )
+                width = max(map(len, prompts))
+                ids = torch.zeros((len(prompts), width), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, p in enumerate(prompts):
+                    ids[i, width - len(p) :] = torch.tensor(p)
+                    mask[i, width - len(p) :] = 1
+                cap = (slab.row_cap, slab.col_cap)
+                logits, cache = lean.prefill(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
+                slab.join(cache, mask)
+                relayouts += (slab.row_cap, slab.col_cap) != cap
+                for i, p in enumerate(prompts):
+                    rows.append({"tokens": list(p), "left": rng.randint(1, 12), "logits": logits[i]})
+            for row in rows:
+                torch.testing.assert_close(
+                    row["logits"], _reference_last_logits(reference, row["tokens"]), atol=1e-4, rtol=1e-4
+                )
+            dead = [i for i, r in enumerate(rows) if r["left"] == 0]
+            if dead:
+                order = slab.remove(dead)
+                rows = [rows[i] for i in order]
+            if not rows:
+                continue
+            nxt = [int(r["logits"].argmax()) for r in rows]
+            for r, t in zip(rows, nxt, strict=True):
+                r["tokens"].append(t)
+                r["left"] -= 1
+            cap = slab.col_cap
+            logits = lean.decode(
+                torch.tensor(nxt)[:, None], torch.tensor([[len(r["tokens"]) - 1] for r in rows]), slab
+            )
+            relayouts += slab.col_cap != cap
+            for r, lg in zip(rows, logits, strict=True):
+                r["logits"] = lg
+            assert slab.rows == len(rows)
+    assert relayouts >= 3  # the schedule really exercised growth
+
+
+def _join(lean, slab, prompts):
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    logits, cache = lean.prefill(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
+    slab.join(cache, mask)
+    return logits
+
+
+def _step(lean, slab, seqs):
+    nxt = [s[-1] for s in seqs]
+    positions = torch.tensor([[len(s) - 1] for s in seqs])
+    return lean.decode(torch.tensor(nxt)[:, None], positions, slab)
+
+
+def _poison(slab, rows, cols):
+    for buf in slab.keys + slab.values:
+        buf[rows, :, cols] = float("nan")
+
+
+def test_stale_nan_cells_never_reach_a_live_row():
+    """A row whose model output diverged leaves NaN in the buffers; masked cells are multiplied
+    by a zero weight, and NaN * 0 is NaN, so every cell entering a row's window is zeroed."""
+    model = _model(CONFIGS["qwen2-bias-gqa"]())
+    reference = _model(CONFIGS["qwen2-bias-gqa"]())
+    lean = LeanDecoder(model)
+    with torch.inference_mode():
+        # 1. A newcomer takes the place of a diverged row, with a shorter prompt than the window.
+        slab = lean.new_slab(torch.device("cpu"))
+        p = [5, 6, 7, 8, 9, 10]
+        _join(lean, slab, [p, p])
+        _poison(slab, 1, slice(None))
+        assert slab.remove([1]) == [0]
+        short = [3, 4]
+        _join(lean, slab, [short])
+        logits = _step(lean, slab, [p + [11], short + [12]])
+        for lg, seq in zip(logits, [p + [11], short + [12]], strict=True):
+            torch.testing.assert_close(lg, _reference_last_logits(reference, seq), atol=1e-4, rtol=1e-4)
+
+        # 2. The window widens to the left over cells a surviving row never wrote.
+        slab = lean.new_slab(torch.device("cpu"))
+        a = [1, 2]
+        _join(lean, slab, [a])
+        for t in range(10):
+            a.append(20 + t)
+            _step(lean, slab, [a])
+        b = [7, 8, 9]
+        _join(lean, slab, [b])
+        assert slab.remove([0]) == [1]
+        assert slab.start > 0
+        _poison(slab, slice(None), slice(0, slab.start))
+        c = [4, 5, 6, 7, 8, 9, 10]
+        _join(lean, slab, [c])
+        seqs = [b + [13], c + [14]]
+        logits = _step(lean, slab, seqs)
+    assert torch.isfinite(logits).all()
+    for lg, seq in zip(logits, seqs, strict=True):
+        torch.testing.assert_close(lg, _reference_last_logits(reference, seq), atol=1e-4, rtol=1e-4)
+
+
+def test_models_it_cannot_reproduce_are_refused_with_a_reason():
+    sliding = _model(MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=4))
+    assert unsupported_reason(sliding) == "sliding-window attention"
+    gelu = _model(LlamaConfig(**SMALL, num_key_value_heads=2, hidden_act="gelu"))
+    assert unsupported_reason(gelu) == "activation 'gelu'"
+    from transformers import GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert unsupported_reason(gpt2) == "model type 'gpt2'"
+    mistral = _model(MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None))
+    assert unsupported_reason(mistral) is None

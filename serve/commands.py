@@ -26,6 +26,7 @@ _DIRECT = {
     "device": "device",
     "dtype": "dtype",
     "cpu_threads": "cpu_threads",
+    "engine_process": "engine_process",
     "tensor_parallel_size": "tensor_parallel_size",
     "finetune": "finetune",
     "finetune_max_jobs": "finetune_max_jobs",
@@ -71,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cors-origin", action="append", default=None, metavar="ORIGIN", help="repeatable"
     )
-    p.add_argument("--max-running", type=int, default=None, help="batch size (default 16)")
+    p.add_argument("--max-running", type=int, default=None, help="batch size (default 64)")
     p.add_argument("--max-queued", type=int, default=None, help="waiting requests (default 64)")
     p.add_argument("--max-prompt-tokens", type=int, default=None)
     p.add_argument("--max-tokens-cap", type=int, default=None, help="default 4096")
@@ -87,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
     p.add_argument(
         "--cpu-threads", type=int, default=None, help="torch threads on CPU (default: cores/2)"
+    )
+    p.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="transformers engine: generate in a child process per model (default on)",
     )
     p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm engine: GPUs")
     p.add_argument(

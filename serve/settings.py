@@ -44,7 +44,7 @@ class ServeSettings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # --- how much
-    max_running: int = Field(default=16, ge=1)
+    max_running: int = Field(default=64, ge=1)
     """Sequences generated at once (the batch); more requests wait in the queue."""
     max_queued: int = Field(default=64, ge=0)
     """Requests allowed to wait for a batch slot; beyond running + queued the answer is 429."""
@@ -77,6 +77,10 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cpu_threads: int | None = Field(default=None, ge=1)
     """Torch threads for a model on CPU; default half the cores (at most 8)."""
+    engine_process: bool = True
+    """Run each model's generation loop in its own process, so HTTP work and the model use
+    separate cores instead of taking turns on one interpreter lock (off: a thread in the
+    server process, which starts faster)."""
 
     # --- vLLM engine
     tensor_parallel_size: int = Field(default=1, ge=1)

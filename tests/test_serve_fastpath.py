@@ -129,10 +129,15 @@ def test_rows_join_and_leave_through_relayouts_and_stay_exact():
                 slab.join(cache, mask)
                 relayouts += (slab.row_cap, slab.col_cap) != cap
                 for i, p in enumerate(prompts):
-                    rows.append({"tokens": list(p), "left": rng.randint(1, 12), "logits": logits[i]})
+                    rows.append(
+                        {"tokens": list(p), "left": rng.randint(1, 12), "logits": logits[i]}
+                    )
             for row in rows:
                 torch.testing.assert_close(
-                    row["logits"], _reference_last_logits(reference, row["tokens"]), atol=1e-4, rtol=1e-4
+                    row["logits"],
+                    _reference_last_logits(reference, row["tokens"]),
+                    atol=1e-4,
+                    rtol=1e-4,
                 )
             dead = [i for i, r in enumerate(rows) if r["left"] == 0]
             if dead:
@@ -146,7 +151,9 @@ def test_rows_join_and_leave_through_relayouts_and_stay_exact():
                 r["left"] -= 1
             cap = slab.col_cap
             logits = lean.decode(
-                torch.tensor(nxt)[:, None], torch.tensor([[len(r["tokens"]) - 1] for r in rows]), slab
+                torch.tensor(nxt)[:, None],
+                torch.tensor([[len(r["tokens"]) - 1] for r in rows]),
+                slab,
             )
             relayouts += slab.col_cap != cap
             for r, lg in zip(rows, logits, strict=True):
@@ -195,7 +202,9 @@ def test_stale_nan_cells_never_reach_a_live_row():
         _join(lean, slab, [short])
         logits = _step(lean, slab, [p + [11], short + [12]])
         for lg, seq in zip(logits, [p + [11], short + [12]], strict=True):
-            torch.testing.assert_close(lg, _reference_last_logits(reference, seq), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                lg, _reference_last_logits(reference, seq), atol=1e-4, rtol=1e-4
+            )
 
         # 2. The window widens to the left over cells a surviving row never wrote.
         slab = lean.new_slab(torch.device("cpu"))
@@ -225,7 +234,9 @@ def test_models_it_cannot_reproduce_are_refused_with_a_reason():
     assert unsupported_reason(gelu) == "activation 'gelu'"
     from transformers import GPT2Config
 
-    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    gpt2 = AutoModelForCausalLM.from_config(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    )
     assert unsupported_reason(gpt2) == "model type 'gpt2'"
     mistral = _model(MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None))
     assert unsupported_reason(mistral) is None

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,9 +65,10 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     index: int
-    loop: asyncio.AbstractEventLoop
-    sink: OutputSink
-    """Receives this sequence's outputs on `loop` (the request's Generation)."""
+    loop: asyncio.AbstractEventLoop | None
+    sink: OutputSink | None
+    """Receives this sequence's outputs on `loop` (the request's Generation); both None when
+    the batcher hands outputs to `on_outputs` instead (an engine process, see process.py)."""
     id: int = field(default_factory=lambda: next(_ids))
     # Worker-side state.
     generated: list[int] = field(default_factory=list)
@@ -121,7 +122,10 @@ class StepBatcher:
         cpu_threads: int | None = None,
         handoff_timeout_s: float = 0.02,
         lean: bool = True,
+        on_outputs: Callable[[list[tuple[int, SeqOutput]]], None] | None = None,
     ) -> None:
+        """`on_outputs`, if given, receives each step's (sequence id, output) pairs on the
+        worker thread, and the worker does not wait for them to be consumed."""
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(stop_ids)
@@ -131,6 +135,7 @@ class StepBatcher:
         self.prefill_token_budget = prefill_token_budget
         self.cpu_threads = cpu_threads
         self.handoff_timeout_s = handoff_timeout_s
+        self.on_outputs = on_outputs
         self.device = model.device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # Embedding rows past the tokenizer's vocabulary are padding (never trained): never
@@ -358,8 +363,13 @@ class StepBatcher:
     def _flush(self) -> None:
         if not self._out:
             return
+        if self.on_outputs is not None:
+            outs, self._out = self._out, []
+            self.on_outputs([(s.id, out) for s, out in outs])
+            return
         by_loop: dict[asyncio.AbstractEventLoop, dict[OutputSink, list[SeqOutput]]] = {}
         for s, out in self._out:
+            assert s.loop is not None and s.sink is not None
             by_loop.setdefault(s.loop, {}).setdefault(s.sink, []).append(out)
         self._out = []
         waits = []

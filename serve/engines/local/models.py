@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tunedesk.serve.engines.local.batcher import StepBatcher
+from tunedesk.serve.engines.local.process import EngineProcess, EngineSpec
 from tunedesk.serve.errors import ModelNotFound, Unavailable
 from tunedesk.serve.registry import ModelRegistry, ModelSpec
 from tunedesk.serve.settings import ServeSettings
@@ -22,14 +23,13 @@ log = logging.getLogger("tunedesk.serve")
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    model: Any
     tokenizer: Any
     stop_ids: list[int]
     context_len: int
-    batcher: StepBatcher
+    batcher: StepBatcher | EngineProcess
 
 
-def _device_and_dtype(settings: ServeSettings) -> tuple[Any, Any]:
+def _device_and_dtype(settings: ServeSettings) -> tuple[str, str]:
     import torch
 
     device = settings.device
@@ -40,7 +40,7 @@ def _device_and_dtype(settings: ServeSettings) -> tuple[Any, Any]:
         # bf16 where the hardware has it; CPU matmuls in bf16 are slow and lossy, keep fp32.
         on_gpu = device.startswith("cuda")
         dtype = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
-    return torch.device(device), getattr(torch, dtype)
+    return device, dtype
 
 
 def _cpu_threads(settings: ServeSettings) -> int:
@@ -52,57 +52,101 @@ def _cpu_threads(settings: ServeSettings) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
+def _stop_ids(tokenizer: Any, generation_config: Any) -> list[int]:
     # The chat format's end-of-turn/eos first (what training taught the model to emit), then
     # whatever else the checkpoint's generation config calls an end (Qwen lists <|endoftext|>).
     ids = list(stop_token_ids(tokenizer))
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = getattr(generation_config, "eos_token_id", None)
     for tid in eos if isinstance(eos, list) else [eos]:
         if isinstance(tid, int) and tid >= 0 and tid not in ids:
             ids.append(tid)
     return ids
 
 
-def _context_len(model: Any, tokenizer: Any) -> int:
-    n = getattr(model.config, "max_position_embeddings", None) or 2048
+def _context_len(config: Any, tokenizer: Any) -> int:
+    n = getattr(config, "max_position_embeddings", None) or 2048
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
         n = min(n, tok_max)
     return int(n)
 
 
-def load_model(spec: ModelSpec, settings: ServeSettings) -> LoadedModel:
-    """Blocking: read weights, build the batcher and start its thread."""
+def _tokenizer_source(spec: ModelSpec) -> str:
+    if spec.adapter and (Path(spec.adapter) / "tokenizer_config.json").exists():
+        return spec.adapter  # an adapter saved with its tokenizer carries its template
+    return spec.path
+
+
+def load_weights(path: str, adapter: str | None, tokenizer_source: str, spec: Any) -> Any:
+    """(model, tokenizer) on `spec.device` in `spec.dtype`, adapters merged in memory."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device, dtype = _device_and_dtype(settings)
-    tok_source = spec.path
-    if spec.adapter and (Path(spec.adapter) / "tokenizer_config.json").exists():
-        tok_source = spec.adapter  # an adapter saved with its tokenizer carries its template
-    tokenizer = AutoTokenizer.from_pretrained(tok_source)
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, attn_implementation="sdpa")
-    if spec.adapter:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, spec.dtype), attn_implementation="sdpa"
+    )
+    if adapter:
         from peft import PeftModel
 
         # Merged in memory: one plain model per served adapter, batched like any other.
-        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
-    model = model.to(device).eval()
-    stop_ids = _stop_ids(tokenizer, model)
-    context_len = _context_len(model, tokenizer)
-    batcher = StepBatcher(
-        model,
-        tokenizer,
-        stop_ids=stop_ids,
-        context_len=context_len,
-        max_batch=settings.max_running,
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.to(torch.device(spec.device)).eval(), tokenizer
+
+
+def load_model(spec: ModelSpec, settings: ServeSettings) -> LoadedModel:
+    """Blocking: read the tokenizer and config, start the model's batcher (in its own engine
+    process unless `settings.engine_process` is off) and wait until it is ready."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    device, dtype = _device_and_dtype(settings)
+    tok_source = _tokenizer_source(spec)
+    tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    config = AutoConfig.from_pretrained(spec.path)
+    try:
+        generation_config = GenerationConfig.from_pretrained(spec.path)
+    except OSError:  # no generation_config.json: the model config's eos is what there is
+        generation_config = GenerationConfig.from_model_config(config)
+    stop_ids = _stop_ids(tokenizer, generation_config)
+    context_len = _context_len(config, tokenizer)
+    engine = EngineSpec(
         name=spec.name,
+        path=spec.path,
+        adapter=spec.adapter,
+        tokenizer_source=tok_source,
+        device=device,
+        dtype=dtype,
         cpu_threads=_cpu_threads(settings),
+        max_batch=settings.max_running,
+        stop_ids=tuple(stop_ids),
+        context_len=context_len,
     )
-    batcher.start()
+    batcher: StepBatcher | EngineProcess
+    if settings.engine_process:
+        batcher = EngineProcess(engine)
+        batcher.start()
+    else:
+        model, tokenizer = load_weights(spec.path, spec.adapter, tok_source, engine)
+        batcher = StepBatcher(
+            model,
+            tokenizer,
+            stop_ids=stop_ids,
+            context_len=context_len,
+            max_batch=settings.max_running,
+            name=spec.name,
+            cpu_threads=engine.cpu_threads,
+        )
+        batcher.start()
     log.info(
-        "loaded %s from %s on %s (%s), context %d", spec.name, spec.path, device, dtype, context_len
+        "loaded %s from %s on %s (%s), context %d%s",
+        spec.name,
+        spec.path,
+        device,
+        dtype,
+        context_len,
+        ", in an engine process" if settings.engine_process else "",
     )
-    return LoadedModel(spec, model, tokenizer, stop_ids, context_len, batcher)
+    return LoadedModel(spec, tokenizer, stop_ids, context_len, batcher)
 
 
 class LocalModels:

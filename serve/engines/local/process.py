@@ -1,0 +1,261 @@
+"""A model's batcher in its own process, so HTTP work and generation run on separate cores.
+
+In one process, the event loop (parsing requests, writing SSE chunks) and the batcher thread
+(the forward pass, sampling, detokenising) are both Python and take turns on one interpreter
+lock: on a small model most of a step is Python, so at 8 or 32 streams they spend much of their
+time waiting for each other. vLLM splits its API server from its engine core for the same
+reason. Here the child process owns the model and a `StepBatcher`; this process keeps the
+tokenizer (prompt encoding and limits happen before submission) and an `EngineProcess` that
+mirrors the batcher's event-loop interface, so `Generation` and the serving code don't change.
+
+Protocol over one `multiprocessing` pipe, pickled tuples:
+- parent -> child: ("submit", [(seq id, prompt ids, SamplingParams, choice index)]),
+  ("abort", [seq ids]), ("stop",)
+- child -> parent: ("ready",), ("failed", message) if the load failed,
+  ("out", [(seq id, text, tokens, finish_reason, error, at)]) once per step.
+The child exits when the pipe closes, so it never outlives the server. If the child dies, every
+open sequence fails with an error (500 or an in-band stream error) and `alive` turns False
+(/ready reports it, new requests get 503).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tunedesk.serve.engines.local.batcher import (
+    EngineDead,
+    Handoff,
+    OutputSink,
+    SeqOutput,
+    Sequence,
+    StepBatcher,
+    _deliver,
+)
+
+log = logging.getLogger("tunedesk.serve")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the child needs to load and run a model (plain values: it crosses the pipe)."""
+
+    name: str
+    path: str
+    adapter: str | None
+    tokenizer_source: str
+    device: str
+    dtype: str
+    cpu_threads: int | None
+    max_batch: int
+    stop_ids: tuple[int, ...]
+    context_len: int
+    lean: bool = True
+
+
+# --------------------------------------------------------------------------- child side
+
+
+def _child_main(conn: Any, spec: EngineSpec) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    send_lock = threading.Lock()
+
+    def send(msg: tuple[Any, ...]) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    try:
+        from tunedesk.serve.engines.local.models import load_weights
+
+        model, tokenizer = load_weights(spec.path, spec.adapter, spec.tokenizer_source, spec)
+        batcher = StepBatcher(
+            model,
+            tokenizer,
+            stop_ids=spec.stop_ids,
+            context_len=spec.context_len,
+            max_batch=spec.max_batch,
+            name=spec.name,
+            cpu_threads=spec.cpu_threads,
+            lean=spec.lean,
+            on_outputs=lambda pairs: send(
+                (
+                    "out",
+                    [(sid, o.text, o.tokens, o.finish_reason, o.error, o.at) for sid, o in pairs],
+                )
+            ),
+        )
+        batcher.start()
+    except BaseException as exc:  # reported to the parent, which answers 503
+        send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    send(("ready",))
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break  # the server is gone
+            if msg[0] == "submit":
+                seqs = [
+                    Sequence(prompt=p, params=params, index=i, loop=None, sink=None, id=sid)
+                    for sid, p, params, i in msg[1]
+                ]
+                try:
+                    batcher.submit(seqs)
+                except EngineDead as exc:
+                    now = time.perf_counter()
+                    send(
+                        ("out", [(s.id, "", 0, None, f"engine failure: {exc}", now) for s in seqs])
+                    )
+            elif msg[0] == "abort":
+                batcher.abort(msg[1])
+            elif msg[0] == "stop":
+                break
+    finally:
+        batcher.stop()
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+class EngineProcess:
+    """The event-loop side of a StepBatcher whose worker runs in a child process."""
+
+    def __init__(self, spec: EngineSpec, startup_timeout_s: float = 600.0) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.max_batch = spec.max_batch
+        self.startup_timeout_s = startup_timeout_s
+        self.fatal: BaseException | None = None
+        self._seqs: dict[int, Sequence] = {}
+        self._lock = threading.Lock()  # guards _seqs
+        self._send_lock = threading.Lock()
+        self._stopping = False
+        ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads
+        self._conn, child_conn = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_child_main, args=(child_conn, spec), name=f"engine-{spec.name}", daemon=True
+        )
+        self._child_conn = child_conn
+        self._reader = threading.Thread(target=self._read, name=f"engine-{spec.name}", daemon=True)
+
+    # --- lifecycle (blocking: run from a worker thread)
+
+    def start(self) -> None:
+        self._proc.start()
+        self._child_conn.close()  # the child holds its end; EOF here means the child is gone
+        if not self._conn.poll(self.startup_timeout_s):
+            self._kill()
+            raise RuntimeError(f"the engine process did not start in {self.startup_timeout_s}s")
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            self._kill()
+            raise RuntimeError(
+                f"the engine process exited while loading (code {self._proc.exitcode})"
+            ) from None
+        if msg[0] != "ready":
+            self._kill()
+            raise RuntimeError(msg[1] if len(msg) > 1 else "the engine process failed to load")
+        self._reader.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError, ValueError):
+            self._send(("stop",))
+        self._proc.join(timeout)
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        with contextlib.suppress(OSError):
+            self._conn.close()
+
+    # --- the StepBatcher interface used on the event loop
+
+    @property
+    def alive(self) -> bool:
+        return self.fatal is None and not self._stopping and self._proc.is_alive()
+
+    @property
+    def running(self) -> int:
+        return min(len(self._seqs), self.max_batch)
+
+    @property
+    def waiting(self) -> int:
+        return max(0, len(self._seqs) - self.max_batch)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        if not self.alive:
+            raise EngineDead(f"the {self.name} engine process has stopped: {self.fatal!r}")
+        with self._lock:
+            for s in seqs:
+                self._seqs[s.id] = s
+        try:
+            self._send(("submit", [(s.id, s.prompt, s.params, s.index) for s in seqs]))
+        except (OSError, ValueError) as exc:
+            with self._lock:
+                for s in seqs:
+                    self._seqs.pop(s.id, None)
+            raise EngineDead(f"the {self.name} engine process is unreachable: {exc}") from exc
+
+    def abort(self, seq_ids: Iterable[int]) -> None:
+        ids = list(seq_ids)
+        with self._lock:
+            for sid in ids:
+                self._seqs.pop(sid, None)  # the child drops them without a last output
+        with contextlib.suppress(OSError, ValueError):  # a dead child has nothing to abort
+            self._send(("abort", ids))
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    # --- outputs, on the reader thread
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] == "out":
+                self._dispatch(msg[1])
+        if not self._stopping:
+            self._proc.join(1)
+            log.error("engine process for %s exited (code %s)", self.name, self._proc.exitcode)
+        self.fatal = EngineDead(f"the engine process exited (code {self._proc.exitcode})")
+        with self._lock:
+            orphans, self._seqs = list(self._seqs.values()), {}
+        message = "the model was unloaded" if self._stopping else "the engine process exited"
+        self._deliver_all([(s, SeqOutput(s.index, "", 0, error=message)) for s in orphans])
+
+    def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
+        pairs: list[tuple[Sequence, SeqOutput]] = []
+        with self._lock:
+            for sid, text, tokens, finish, error, at in items:
+                seq = self._seqs.get(sid)
+                if seq is None:
+                    continue  # aborted meanwhile
+                if finish is not None or error is not None:
+                    del self._seqs[sid]
+                pairs.append((seq, SeqOutput(seq.index, text, tokens, finish, error, at)))
+        self._deliver_all(pairs)
+
+    @staticmethod
+    def _deliver_all(pairs: list[tuple[Sequence, SeqOutput]]) -> None:
+        by_loop: dict[Any, dict[OutputSink, list[SeqOutput]]] = {}
+        for seq, out in pairs:
+            by_loop.setdefault(seq.loop, {}).setdefault(seq.sink, []).append(out)
+        for loop, by_sink in by_loop.items():
+            # Nobody waits on this hand-off: the child steps on without the event loop.
+            with contextlib.suppress(RuntimeError):  # a closed loop: its requests are gone
+                loop.call_soon_threadsafe(_deliver, by_sink, Handoff())

@@ -14,11 +14,11 @@ from tunedesk.serve.finetune.core import FineTuning
 SCOPE = "fine-tune"
 
 
-def get_finetuning(request: Request) -> FineTuning:
+async def get_finetuning(request: Request) -> FineTuning:
     return request.app.state.finetune
 
 
-def finetune_key(key: KeyDep) -> ApiKey:
+async def finetune_key(key: KeyDep) -> ApiKey:
     # Training spends the machine: the key needs the fine-tune scope (where auth has none,
     # every scope there is). A chat widget's key (scopes=chat) gets 403.
     allowed = key.allows(SCOPE) if SCOPE in ALL_SCOPES else key.scopes >= ALL_SCOPES

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import multiprocessing
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -90,35 +89,37 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
                 )
             ),
         )
-        batcher.start()
+        batcher.warm_up()
     except BaseException as exc:  # reported to the parent, which answers 503
         send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     send(("ready",))
-    try:
-        while True:
+
+    def pump(idle: bool) -> bool:
+        """Feed the pipe's messages to the batcher; block for one only when it is idle."""
+        block = idle
+        while block or conn.poll():
+            block = False
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
-                break  # the server is gone
+                return False  # the server is gone
             if msg[0] == "submit":
                 seqs = [
                     Sequence(prompt=p, params=params, index=i, loop=None, sink=None, id=sid)
                     for sid, p, params, i in msg[1]
                 ]
-                try:
-                    batcher.submit(seqs)
-                except EngineDead as exc:
-                    now = time.perf_counter()
-                    send(
-                        ("out", [(s.id, "", 0, None, f"engine failure: {exc}", now) for s in seqs])
-                    )
+                batcher.submit(seqs)
             elif msg[0] == "abort":
                 batcher.abort(msg[1])
             elif msg[0] == "stop":
-                break
-    finally:
-        batcher.stop()
+                return False
+        return True
+
+    # The worker loop runs here, in the main thread, reading the pipe between steps.
+    batcher.run_inline(pump)
+    if batcher.fatal is not None:  # its sequences already got their error outputs
+        send(("dead", repr(batcher.fatal)))
 
 
 # --------------------------------------------------------------------------- parent side
@@ -229,6 +230,9 @@ class EngineProcess:
                 break
             if msg[0] == "out":
                 self._dispatch(msg[1])
+            elif msg[0] == "dead":
+                log.error("engine for %s failed: %s", self.name, msg[1])
+                break
         if not self._stopping:
             self._proc.join(1)
             log.error("engine process for %s exited (code %s)", self.name, self._proc.exitcode)

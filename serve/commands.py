@@ -27,6 +27,7 @@ _DIRECT = {
     "dtype": "dtype",
     "cpu_threads": "cpu_threads",
     "engine_process": "engine_process",
+    "prefill_batch_tokens": "prefill_batch_tokens",
     "tensor_parallel_size": "tensor_parallel_size",
     "finetune": "finetune",
     "finetune_max_jobs": "finetune_max_jobs",
@@ -88,6 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
     p.add_argument(
         "--cpu-threads", type=int, default=None, help="torch threads on CPU (default: cores/2)"
+    )
+    p.add_argument(
+        "--prefill-batch-tokens",
+        type=int,
+        default=None,
+        help="transformers engine: prompt tokens prefilled together per step (default 256)",
     )
     p.add_argument(
         "--engine-process",

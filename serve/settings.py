@@ -77,6 +77,10 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cpu_threads: int | None = Field(default=None, ge=1)
     """Torch threads for a model on CPU; default half the cores (at most 8)."""
+    prefill_batch_tokens: int = Field(default=256, ge=1)
+    """Most prompt tokens prefilled together in one step. A burst of requests is taken in
+    groups of about this many tokens between decode steps, so the first of them stream sooner
+    than if the whole burst were prefilled at once (a longer prompt still goes alone)."""
     engine_process: bool = True
     """Run each model's generation loop in its own process, so HTTP work and the model use
     separate cores instead of taking turns on one interpreter lock (off: a thread in the

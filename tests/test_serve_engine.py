@@ -267,3 +267,49 @@ def test_admission_bounds_running_plus_queued():
     assert a.active == 2
     t1.release(), t2.release()
     assert a.active == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain",
+        "中文，标点。",
+        'quote " and \\ backslash',
+        "line\nbreak\ttab",
+        "\x01\x1f ctrl",
+        "😀",
+        "",
+    ],
+)
+def test_chunk_template_renders_what_pydantic_renders(text):
+    from tunedesk.serve.engines.local.formats import ChatFormat, CompletionFormat
+    from tunedesk.serve.protocol import (
+        ChatCompletionChunk,
+        ChoiceDelta,
+        ChunkChoice,
+        Completion,
+        CompletionChoice,
+    )
+    from tunedesk.serve.streaming import sse
+
+    chat = ChatFormat("m", include_usage=False)
+    expected = sse(
+        ChatCompletionChunk(
+            id=chat.id,
+            created=chat.created,
+            model="m",
+            choices=[ChunkChoice(index=3, delta=ChoiceDelta(content=text))],
+        ),
+        exclude={"usage"},
+    )
+    assert chat._text.render(3, text) == expected
+    completion = CompletionFormat("m", include_usage=True)
+    expected = sse(
+        Completion(
+            id=completion.id,
+            created=completion.created,
+            model="m",
+            choices=[CompletionChoice(text=text, index=0, finish_reason=None)],
+        )
+    )
+    assert completion._text.render(0, text) == expected

@@ -245,6 +245,8 @@ class StepBatcher:
                         new = [s for s in new if s.id not in aborts]
                     if new:
                         self._prefill(new)
+                        # First tokens go out now, not after the decode step below.
+                        self._flush()
                     if self._rows:
                         self._decode()
                     self._flush()

@@ -6,6 +6,8 @@ temperature 0 the concatenated stream is exactly the non-streamed text.
 
 from __future__ import annotations
 
+import json
+
 from tunedesk.serve.engines.local.batcher import SeqOutput
 from tunedesk.serve.protocol import (
     ChatChoice,
@@ -21,6 +23,30 @@ from tunedesk.serve.protocol import (
     random_id,
 )
 from tunedesk.serve.streaming import sse
+
+_INDEX = 987654321
+_TEXT = "\ue000tunedesk-text\ue000"
+
+
+class ChunkTemplate:
+    """The bytes of a streamed chunk that carries one choice's new text, rendered once by the
+    pydantic model and then filled in per token: the same bytes as `model_dump_json`, without
+    building three models per token (a third of the event loop's work per chunk)."""
+
+    def __init__(self, sample: bytes) -> None:
+        index_mark = str(_INDEX).encode()
+        text_mark = json.dumps(_TEXT, ensure_ascii=False).encode("utf-8")
+        # The two slots in the order the model puts its fields (chat: index first).
+        self._index_first = sample.index(index_mark) < sample.index(text_mark)
+        first, second = (index_mark, text_mark) if self._index_first else (text_mark, index_mark)
+        head, rest = sample.split(first, 1)
+        middle, tail = rest.split(second, 1)
+        self._head, self._middle, self._tail = head, middle, tail
+
+    def render(self, index: int, text: str) -> bytes:
+        slots = (str(index).encode(), json.dumps(text, ensure_ascii=False).encode("utf-8"))
+        a, b = slots if self._index_first else slots[::-1]
+        return b"".join((self._head, a, self._middle, b, self._tail))
 
 
 class Choices:
@@ -45,6 +71,8 @@ class ChatFormat:
         self.model = model
         self.include_usage = include_usage
         self._exclude = None if include_usage else {"usage"}
+        delta = ChoiceDelta(content=_TEXT)
+        self._text = ChunkTemplate(self._chunk([ChunkChoice(index=_INDEX, delta=delta)]))
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         chunk = ChatCompletionChunk(
@@ -62,8 +90,7 @@ class ChatFormat:
         parts: list[bytes] = []
         for out in outs:
             if out.text:
-                delta = ChoiceDelta(content=out.text)
-                parts.append(self._chunk([ChunkChoice(index=out.index, delta=delta)]))
+                parts.append(self._text.render(out.index, out.text))
             if out.finish_reason is not None:
                 choice = ChunkChoice(
                     index=out.index,
@@ -104,6 +131,8 @@ class CompletionFormat:
         self.model = model
         self.include_usage = include_usage
         self._exclude = None if include_usage else {"usage"}
+        choice = CompletionChoice(text=_TEXT, index=_INDEX, finish_reason=None)
+        self._text = ChunkTemplate(self._chunk([choice]))
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         chunk = Completion(
@@ -115,19 +144,17 @@ class CompletionFormat:
         return b""
 
     def pieces(self, outs: list[SeqOutput]) -> bytes:
-        parts = [
-            self._chunk(
-                [
-                    CompletionChoice(
-                        text=out.text,
-                        index=out.index,
-                        finish_reason=out.finish_reason,  # type: ignore[arg-type]
-                    )
-                ]
-            )
-            for out in outs
-            if out.text or out.finish_reason is not None
-        ]
+        parts = []
+        for out in outs:
+            if out.finish_reason is not None:
+                choice = CompletionChoice(
+                    text=out.text,
+                    index=out.index,
+                    finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                )
+                parts.append(self._chunk([choice]))
+            elif out.text:
+                parts.append(self._text.render(out.index, out.text))
         return b"".join(parts)
 
     def usage(self, usage: Usage) -> bytes:

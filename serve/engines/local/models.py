@@ -120,6 +120,7 @@ def load_model(spec: ModelSpec, settings: ServeSettings) -> LoadedModel:
         max_batch=settings.max_running,
         stop_ids=tuple(stop_ids),
         context_len=context_len,
+        prefill_batch_tokens=settings.prefill_batch_tokens,
     )
     batcher: StepBatcher | EngineProcess
     if settings.engine_process:
@@ -135,6 +136,7 @@ def load_model(spec: ModelSpec, settings: ServeSettings) -> LoadedModel:
             max_batch=settings.max_running,
             name=spec.name,
             cpu_threads=engine.cpu_threads,
+            prefill_token_budget=settings.prefill_batch_tokens,
         )
         batcher.start()
     log.info(

@@ -20,9 +20,13 @@ open sequence fails with an error (500 or an in-band stream error) and `alive` t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
+import pickle
+import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,6 +59,7 @@ class EngineSpec:
     max_batch: int
     stop_ids: tuple[int, ...]
     context_len: int
+    prefill_batch_tokens: int = 256
     lean: bool = True
 
 
@@ -81,6 +86,7 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
             max_batch=spec.max_batch,
             name=spec.name,
             cpu_threads=spec.cpu_threads,
+            prefill_token_budget=spec.prefill_batch_tokens,
             lean=spec.lean,
             on_outputs=lambda pairs: send(
                 (
@@ -126,7 +132,12 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
 
 
 class EngineProcess:
-    """The event-loop side of a StepBatcher whose worker runs in a child process."""
+    """The event-loop side of a StepBatcher whose worker runs in a child process.
+
+    Outputs are read on the event loop itself (`add_reader` on the pipe), not by a thread: a
+    reader thread had to win the interpreter lock from a busy event loop for every step's
+    message, which added several milliseconds to each first token under load.
+    """
 
     def __init__(self, spec: EngineSpec, startup_timeout_s: float = 600.0) -> None:
         self.spec = spec
@@ -135,16 +146,16 @@ class EngineProcess:
         self.startup_timeout_s = startup_timeout_s
         self.fatal: BaseException | None = None
         self._seqs: dict[int, Sequence] = {}
-        self._lock = threading.Lock()  # guards _seqs
-        self._send_lock = threading.Lock()
         self._stopping = False
+        self._send_lock = threading.Lock()  # stop() sends from a worker thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox = bytearray()
         ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(
             target=_child_main, args=(child_conn, spec), name=f"engine-{spec.name}", daemon=True
         )
         self._child_conn = child_conn
-        self._reader = threading.Thread(target=self._read, name=f"engine-{spec.name}", daemon=True)
 
     # --- lifecycle (blocking: run from a worker thread)
 
@@ -164,23 +175,31 @@ class EngineProcess:
         if msg[0] != "ready":
             self._kill()
             raise RuntimeError(msg[1] if len(msg) > 1 else "the engine process failed to load")
-        self._reader.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask the child to stop (its open sequences get "unloaded" errors), wait, then kill."""
         self._stopping = True
         with contextlib.suppress(OSError, ValueError):
             self._send(("stop",))
         self._proc.join(timeout)
-        self._kill()
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        # The pipe itself is closed by the event loop's reader when it sees the end.
+        if self._loop is None or self._loop.is_closed():
+            self._close_pipe()
 
     def _kill(self) -> None:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
         with contextlib.suppress(OSError):
             self._conn.close()
 
-    # --- the StepBatcher interface used on the event loop
+    # --- the StepBatcher interface, used on the event loop
 
     @property
     def alive(self) -> bool:
@@ -197,22 +216,20 @@ class EngineProcess:
     def submit(self, seqs: list[Sequence]) -> None:
         if not self.alive:
             raise EngineDead(f"the {self.name} engine process has stopped: {self.fatal!r}")
-        with self._lock:
-            for s in seqs:
-                self._seqs[s.id] = s
+        self._attach(asyncio.get_running_loop())
+        for s in seqs:
+            self._seqs[s.id] = s
         try:
             self._send(("submit", [(s.id, s.prompt, s.params, s.index) for s in seqs]))
         except (OSError, ValueError) as exc:
-            with self._lock:
-                for s in seqs:
-                    self._seqs.pop(s.id, None)
+            for s in seqs:
+                self._seqs.pop(s.id, None)
             raise EngineDead(f"the {self.name} engine process is unreachable: {exc}") from exc
 
     def abort(self, seq_ids: Iterable[int]) -> None:
         ids = list(seq_ids)
-        with self._lock:
-            for sid in ids:
-                self._seqs.pop(sid, None)  # the child drops them without a last output
+        for sid in ids:
+            self._seqs.pop(sid, None)  # the child drops them without a last output
         with contextlib.suppress(OSError, ValueError):  # a dead child has nothing to abort
             self._send(("abort", ids))
 
@@ -220,46 +237,84 @@ class EngineProcess:
         with self._send_lock:
             self._conn.send(msg)
 
-    # --- outputs, on the reader thread
+    # --- outputs, read on the event loop
 
-    def _read(self) -> None:
-        while True:
-            try:
-                msg = self._conn.recv()
-            except (EOFError, OSError):
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("an engine process serves one event loop")
+        loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._loop = loop
+
+    def _on_readable(self) -> None:
+        # One read per wake-up, framed by hand: `Connection.poll` builds a selector per call,
+        # and polling after every message cost more than the message. The frames are
+        # multiprocessing's own (a 4-byte big-endian length, or -1 and an 8-byte one).
+        try:
+            data = os.read(self._conn.fileno(), 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._detach()
+            return
+        buf = self._inbox
+        buf += data
+        pos = 0
+        while len(buf) - pos >= 4:
+            (size,) = struct.unpack_from("!i", buf, pos)
+            start = pos + 4
+            if size == -1:
+                if len(buf) - pos < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, pos + 4)
+                start = pos + 12
+            if len(buf) < start + size:
                 break
+            msg = pickle.loads(memoryview(buf)[start : start + size])
+            pos = start + size
             if msg[0] == "out":
                 self._dispatch(msg[1])
             elif msg[0] == "dead":
                 log.error("engine for %s failed: %s", self.name, msg[1])
-                break
+                del buf[:pos]
+                self._detach()
+                return
+        del buf[:pos]
+
+    def _detach(self) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self._conn.fileno())
+        self._close_pipe()
+        self._on_exit()
+
+    def _on_exit(self) -> None:
         if not self._stopping:
-            self._proc.join(1)
             log.error("engine process for %s exited (code %s)", self.name, self._proc.exitcode)
         self.fatal = EngineDead(f"the engine process exited (code {self._proc.exitcode})")
-        with self._lock:
-            orphans, self._seqs = list(self._seqs.values()), {}
+        orphans, self._seqs = list(self._seqs.values()), {}
         message = "the model was unloaded" if self._stopping else "the engine process exited"
-        self._deliver_all([(s, SeqOutput(s.index, "", 0, error=message)) for s in orphans])
+        self._deliver([(s, SeqOutput(s.index, "", 0, error=message)) for s in orphans])
 
     def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
         pairs: list[tuple[Sequence, SeqOutput]] = []
-        with self._lock:
-            for sid, text, tokens, finish, error, at in items:
-                seq = self._seqs.get(sid)
-                if seq is None:
-                    continue  # aborted meanwhile
-                if finish is not None or error is not None:
-                    del self._seqs[sid]
-                pairs.append((seq, SeqOutput(seq.index, text, tokens, finish, error, at)))
-        self._deliver_all(pairs)
+        for sid, text, tokens, finish, error, at in items:
+            seq = self._seqs.get(sid)
+            if seq is None:
+                continue  # aborted meanwhile
+            if finish is not None or error is not None:
+                del self._seqs[sid]
+            pairs.append((seq, SeqOutput(seq.index, text, tokens, finish, error, at)))
+        self._deliver(pairs)
 
     @staticmethod
-    def _deliver_all(pairs: list[tuple[Sequence, SeqOutput]]) -> None:
-        by_loop: dict[Any, dict[OutputSink, list[SeqOutput]]] = {}
+    def _deliver(pairs: list[tuple[Sequence, SeqOutput]]) -> None:
+        by_sink: dict[OutputSink, list[SeqOutput]] = {}
         for seq, out in pairs:
-            by_loop.setdefault(seq.loop, {}).setdefault(seq.sink, []).append(out)
-        for loop, by_sink in by_loop.items():
-            # Nobody waits on this hand-off: the child steps on without the event loop.
-            with contextlib.suppress(RuntimeError):  # a closed loop: its requests are gone
-                loop.call_soon_threadsafe(_deliver, by_sink, Handoff())
+            assert seq.sink is not None
+            by_sink.setdefault(seq.sink, []).append(out)
+        # Nobody waits on this hand-off: the child steps on without the event loop.
+        _deliver(by_sink, Handoff())

@@ -77,6 +77,10 @@ class _Timing:
     def __init__(self, metrics: Metrics, model: str, ctx: RequestContext, n: int) -> None:
         self.metrics, self.model, self.ctx = metrics, model, ctx
         self._last: list[float | None] = [None] * n
+        # Labelled children looked up once, not per token.
+        self._ttft = metrics.ttft.labels(model)
+        self._tpot = metrics.tpot.labels(model)
+        self._completion_tokens = metrics.completion_tokens.labels(model)
 
     def observe(self, outs: list[SeqOutput]) -> None:
         tokens = 0
@@ -86,13 +90,13 @@ class _Timing:
             tokens += out.tokens
             if self.ctx.first_token_at is None:
                 self.ctx.first_token_at = out.at
-                self.metrics.ttft.labels(self.model).observe(out.at - self.ctx.started)
+                self._ttft.observe(out.at - self.ctx.started)
             last = self._last[out.index]
             if last is not None:
-                self.metrics.tpot.labels(self.model).observe(out.at - last)
+                self._tpot.observe(out.at - last)
             self._last[out.index] = out.at
         if tokens:
-            self.metrics.completion_tokens.labels(self.model).inc(tokens)
+            self._completion_tokens.inc(tokens)
             self.ctx.add_tokens(completion=tokens)
 
 

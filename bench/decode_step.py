@@ -77,8 +77,12 @@ def main() -> None:
     vocab = model.config.vocab_size
     print(f"model {path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, ", end="")
     print(f"{args.threads} thread(s), prompt {args.prompt}, {args.steps} steps")
-    print("| batch | transformers ms/step | lean ms/step | transformers tok/s | lean tok/s | ratio |")
-    print("|------:|---------------------:|-------------:|-------------------:|-----------:|------:|")
+    print(
+        "| batch | transformers ms/step | lean ms/step | transformers tok/s | lean tok/s | ratio |"
+    )
+    print(
+        "|------:|---------------------:|-------------:|-------------------:|-----------:|------:|"
+    )
     with torch.inference_mode():
         for batch in (1, 8, 32):
             # Alternate and keep the best of two: both see the same machine noise.

@@ -274,3 +274,52 @@ def test_cli_prepares_sample_data(tmp_path):
     assert test_funds and not (test_funds & train_groups)
     test_tpl = {r["meta"]["group"] for r in test_rows if r["meta"]["group"].startswith("tpl:")}
     assert test_tpl and not (test_tpl & train_groups)
+
+
+def test_same_answer_to_different_questions_is_not_a_near_duplicate():
+    from tunedesk.train.prepare.dedup import near_duplicate_examples
+
+    answer = (
+        "管理费是支付给基金管理人、用于投资管理的费用，按年费率计算，每日按前一日基金资产净值计提，"
+        "从基金资产中直接扣除，已经体现在每日公布的净值里，不需要您另外支付。"
+    )
+
+    def conv(q: str, a: str = answer) -> list[dict]:
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+    clusters = near_duplicate_examples(
+        [
+            conv("管理费是怎么扣的"),
+            conv("基金的管理费收多少？"),
+            conv("请问管理费是怎么扣的？"),  # the first, reworded at the edges: the same question
+            conv("我准备投资十万元左右，想了解清楚一点再决定，管理费是多少？"),
+            conv("我准备投资十万元左右，想了解清楚一些再决定，管理费是多少？"),
+        ]
+    ).tolist()
+    # One FAQ answer, several phrasings: they may go to different splits (held-out phrasings).
+    assert clusters[0] != clusters[1] and clusters[1] != clusters[3]
+    # A word changed in a long question, same answer: a near-duplicate.
+    assert clusters[3] == clusters[4]
+
+
+def test_sample_data_holds_out_phrasings_not_whole_intents(tmp_path):
+    from tunedesk.train.sample_data import generate_pairs
+
+    path = tmp_path / "fund_qa.jsonl"
+    path.write_text(
+        "\n".join(json.dumps(p, ensure_ascii=False) for p in generate_pairs(3200)) + "\n",
+        encoding="utf-8",
+    )
+    result = prepare([path], None)
+
+    def intents(split: str) -> set[str]:
+        return {
+            r["meta"]["group"].rsplit(":", 1)[0]
+            for r in result.splits[split]
+            if r["meta"]["group"].startswith("tpl:")
+        }
+
+    test, train = intents("test"), intents("train")
+    assert test, "the test split has template questions"
+    # Every intent tested is one training taught, in other phrasings.
+    assert test <= train, f"intents never seen in training: {sorted(test - train)}"

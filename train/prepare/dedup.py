@@ -39,11 +39,38 @@ def prompt_key(messages: list[dict]) -> str:
     return "\x1f".join(f"{m.get('role')}\x1e{m.get('content')}" for m in context)
 
 
-def dedup_text(messages: list[dict]) -> str:
-    """The text that near-duplicate detection compares: user and assistant turns, lowercased,
+def dedup_text(messages: list[dict], roles: tuple[str, ...] = ("user", "assistant")) -> str:
+    """The text that near-duplicate detection compares: the turns of these roles, lowercased,
     whitespace removed (so spacing differences don't hide a duplicate)."""
-    parts = [m.get("content") or "" for m in messages if m.get("role") in ("user", "assistant")]
+    parts = [m.get("content") or "" for m in messages if m.get("role") in roles]
     return "".join("".join(parts).lower().split())
+
+
+def near_duplicate_examples(
+    conversations: Sequence[list[dict]], threshold: float = 0.8, question_margin: float = 0.2
+) -> np.ndarray:
+    """Cluster id per conversation (the smallest member index). Near-duplicates are at least
+    `threshold` similar as a whole (user and assistant turns) *and* their questions (user
+    turns) are at least `threshold - question_margin` similar.
+
+    The whole text alone lets a long shared answer dominate: every phrasing of one FAQ answer
+    ("how is the management fee charged", "what does the management fee cost") then looks
+    like a duplicate, whole intents are forced into one split, and a held-out test asks
+    questions whose answers training never showed. Different questions with the same answer
+    are what a held-out split should test. The looser bar on the questions keeps real
+    near-duplicates together (a word or punctuation changed in a long question is ~0.86
+    similar), while distinct phrasings score far lower (~0.1-0.3).
+    """
+    whole = near_duplicate_clusters([dedup_text(m) for m in conversations], threshold=threshold)
+    questions = near_duplicate_clusters(
+        [dedup_text(m, ("user",)) for m in conversations],
+        threshold=max(0.0, threshold - question_margin),
+    )
+    first: dict[tuple[int, int], int] = {}
+    out = np.empty(len(conversations), dtype=np.int64)
+    for k, key in enumerate(zip(whole.tolist(), questions.tolist(), strict=True)):
+        out[k] = first.setdefault(key, k)
+    return out
 
 
 class _UnionFind:

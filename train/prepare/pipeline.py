@@ -17,7 +17,7 @@ import numpy as np
 
 from tunedesk.io import atomic_write_json, atomic_write_jsonl
 
-from .dedup import conversation_key, dedup_text, near_duplicate_clusters, prompt_key
+from .dedup import conversation_key, near_duplicate_examples, prompt_key
 from .formats import FormatError, load_file
 from .normalize import normalize_record
 from .pii import MASKS, find_pii, mask_pii
@@ -44,7 +44,8 @@ class PrepareOptions:
     min_examples: int = 100
     """Fewer usable examples than this gets a warning: too few to fine-tune on reliably."""
     near_dup_threshold: float = 0.8
-    """Estimated Jaccard similarity (character 3-grams) at which two examples are near-duplicates."""
+    """Estimated Jaccard similarity (character 3-grams) at which two examples are near-duplicates
+    (their questions alone must be at least this minus 0.2 similar: see near_duplicate_examples)."""
     near_dup: Literal["group", "remove", "off"] = "group"
     """group: keep near-duplicates but in one split; remove: keep one per cluster; off: skip."""
     mask_pii: bool = False
@@ -269,8 +270,8 @@ def prepare(
     near_clusters = 0
     near_removed: set[int] = set()
     if opts.near_dup != "off" and kept:
-        cluster = near_duplicate_clusters(
-            [dedup_text(records[i].messages) for i in kept], threshold=opts.near_dup_threshold
+        cluster = near_duplicate_examples(
+            [records[i].messages for i in kept], threshold=opts.near_dup_threshold
         )
         sizes = np.bincount(cluster, minlength=len(kept))
         near_clusters = int((sizes > 1).sum())

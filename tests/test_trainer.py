@@ -327,3 +327,42 @@ def test_training_goes_on_after_an_evaluation_that_saves_nothing(tiny_base, prep
     summary = run_training(cfg, tmp_path / "run", progress=False)
     assert summary["status"] == "succeeded" and summary["step"] == 6
     assert summary["best_step"] == 2  # later evaluations never improved
+
+
+def test_train_embeddings_trains_the_tied_embeddings_and_merges(tiny_base, prepared_dir, tmp_path):
+    """`train_embeddings`: the input embeddings (tied to the output head) are trained in full
+    beside the QLoRA adapters, saved with the adapter, and the merged model keeps them tied."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from tunedesk.train.loop import run_training
+    from tunedesk.train.merge import merge_adapter
+
+    cfg = load_config(
+        TrainConfig,
+        make_config(
+            tmp_path,
+            tiny_base,
+            prepared_dir,
+            train_embeddings=True,
+            lr=1e-2,
+            max_steps=6,
+            eval_every=0,
+            save_every=0,
+        ),
+    )
+    summary = run_training(cfg, tmp_path / "run", progress=False)
+    assert summary["status"] == "succeeded"
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    embed_keys = [k for k in saved if "embed_tokens" in k]
+    assert embed_keys, sorted(saved)[:5]
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    trained = saved[embed_keys[0]]
+    assert trained.shape == base.get_input_embeddings().weight.shape
+    assert not torch.equal(trained, base.get_input_embeddings().weight)
+
+    report = merge_adapter(tmp_path / "run", tmp_path / "merged", base=str(tiny_base))
+    assert report["parity"]["passed"], report["parity"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(merged.get_input_embeddings().weight, trained)
+    assert torch.equal(merged.get_output_embeddings().weight, trained)  # still one matrix

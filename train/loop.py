@@ -63,6 +63,18 @@ class TrainingError(RuntimeError):
         self.code = code
 
 
+def _embedding_training(model: Any) -> dict[str, Any]:
+    """peft options that train the input embeddings (and an untied output head) in full."""
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    embed = names[id(model.get_input_embeddings())]
+    if getattr(model.config, "tie_word_embeddings", False):
+        # One trained copy shared by both ends; untied copies would be merged into a model
+        # whose config ties them again (peft issue #2777).
+        return {"modules_to_save": [embed], "ensure_weight_tying": True}
+    head = names[id(model.get_output_embeddings())]
+    return {"modules_to_save": [embed, head]}
+
+
 def run_training(
     cfg: TrainConfig,
     run_dir: str | Path,
@@ -264,6 +276,7 @@ def _train(
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
+        **_embedding_training(model) if cfg.train_embeddings else {},
     )
     try:
         with warnings.catch_warnings():

@@ -112,6 +112,8 @@ def main() -> int:
         "generate the sample fund Q&A",
         "data",
         "sample",
+        "-n",
+        "6000",
         "--out",
         "data/fund_qa.jsonl",
         timings=timings,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
+
 from tunedesk.serve.engines.local.fastpath import LeanDecoder
 
 

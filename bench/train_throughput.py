@@ -139,10 +139,9 @@ def build_qwen_shaped(work: Path, tokenizer_from: Path) -> tuple[Path, int]:
 
 
 def _child_tunedesk(spec: dict) -> dict:
+    from tunedesk.config import load_config
     from tunedesk.train.config import TrainConfig
     from tunedesk.train.loop import run_training
-
-    from tunedesk.config import load_config
 
     overrides = [
         f"--base_model={spec['base']}",
@@ -190,6 +189,7 @@ def _child_tunedesk(spec: dict) -> dict:
 def _val_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
     """Answer-token mean cross-entropy over the split (tunedesk's definition)."""
     import torch
+
     from tunedesk.train.data import collate, eval_batches
 
     model.eval()
@@ -221,6 +221,7 @@ def _child_trl(spec: dict) -> dict:
         TrainerCallback,
     )
     from trl import SFTConfig, SFTTrainer
+
     from tunedesk.train.data import tokenize_split
 
     torch.manual_seed(spec["seed"])

@@ -108,6 +108,7 @@ def _positive(name: str, value: Any) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from tunedesk.chat_format import ChatFormatError
     from tunedesk.eval.data import DataError, load_test_set
     from tunedesk.eval.endpoint import EndpointError
     from tunedesk.eval.gates import GateError, evaluate_gates, parse_gate, validate_gates
@@ -115,8 +116,6 @@ def _eval(args: argparse.Namespace) -> int:
     from tunedesk.eval.runner import METRIC_KEYS, EvalOptions, ModelLoadError, run_eval
     from tunedesk.eval.runner import write_outputs as write
     from tunedesk.eval.specs import SpecError, resolve_all
-
-    from tunedesk.chat_format import ChatFormatError
 
     for name in ("limit", "max_tokens", "batch_size", "concurrency", "timeout"):
         _positive(name.replace("_", "-"), getattr(args, name))

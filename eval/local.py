@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tunedesk.eval.data import EvalSample, Generation
-
 from tunedesk.chat_format import encode_conversation, encode_prompt, stop_token_ids
+from tunedesk.eval.data import EvalSample, Generation
 
 
 @dataclass

@@ -319,7 +319,6 @@ def run_eval(
 
 def write_outputs(result: EvalResult, out_dir: str | Path, worst: int = 20) -> dict[str, Path]:
     from tunedesk.eval.report import render_report
-
     from tunedesk.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
     out = Path(out_dir)

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from tunedesk.serve.context import RequestContext
 from tunedesk.serve.metrics import Metrics
 

@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+
+from tunedesk import __version__
 from tunedesk.serve.access_log import AccessLogMiddleware
 from tunedesk.serve.admission import Admission
 from tunedesk.serve.auth import KeyStore
@@ -19,8 +21,6 @@ from tunedesk.serve.routes import router
 from tunedesk.serve.service import OpenAIService
 from tunedesk.serve.settings import ServeSettings
 from tunedesk.serve.widget import router as widget_router
-
-from tunedesk import __version__
 
 log = logging.getLogger("tunedesk.serve")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from tunedesk.serve.errors import PayloadTooLarge
 
 

@@ -128,6 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     from pydantic import ValidationError
+
     from tunedesk.serve.settings import ServeSettings
 
     given = {field: getattr(args, flag) for flag, field in _DIRECT.items()}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+
 from tunedesk.serve.admission import Admission
 from tunedesk.serve.auth import ANONYMOUS, ApiKey, KeyStore, RateLimiter, bearer_token
 from tunedesk.serve.context import RequestContext

@@ -11,6 +11,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
 from tunedesk.serve.admission import Admission
 
 # Seconds. TTFT spans a fast GPU prefill to a queued CPU request; per-token from ~1 ms up.

@@ -11,11 +11,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunedesk.serve.registry import ModelRegistry
-from tunedesk.serve.settings import ServeSettings
-
 from tunedesk import paths
 from tunedesk.errors import CommandError
+from tunedesk.serve.registry import ModelRegistry
+from tunedesk.serve.settings import ServeSettings
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _JOB_ID = re.compile(r"^ftjob-[\w-]+$")

@@ -7,6 +7,7 @@ from dataclasses import replace
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
+
 from tunedesk.serve.deps import CallDep, ServiceDep, StateDep
 from tunedesk.serve.errors import Unavailable
 from tunedesk.serve.protocol import ChatCompletionRequest, CompletionRequest

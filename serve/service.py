@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.responses import Response
+
 from tunedesk.serve.admission import Admission
 from tunedesk.serve.engines.base import ApiCall, Engine
 from tunedesk.serve.errors import ModelNotFound, PermissionDenied

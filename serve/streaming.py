@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
+
 from tunedesk.serve.errors import ClientGone, OpenAIError
 
 log = logging.getLogger("tunedesk.serve")

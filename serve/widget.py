@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
+
 from tunedesk.serve.deps import StateDep
 
 STATIC = Path(__file__).parent / "static"

@@ -57,9 +57,9 @@ def prepared_dir(
 ) -> Path:
     """Folder with train.jsonl / val.jsonl / test.jsonl prepared from the sample pairs."""
     from transformers import AutoTokenizer
-    from tunedesk.train.prepare.pipeline import PrepareOptions, prepare
 
     from tunedesk.io import atomic_write_jsonl
+    from tunedesk.train.prepare.pipeline import PrepareOptions, prepare
 
     root = tmp_path_factory.mktemp("data")
     raw = root / "fund_qa.jsonl"

@@ -6,8 +6,6 @@ import copy
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from tunedesk.train.sample_data import generate_pairs
-from tunedesk.train.tiny_base import TinyBaseConfig, build_tiny_base
 
 from tunedesk.chat_format import (
     IGNORE_INDEX,
@@ -17,6 +15,8 @@ from tunedesk.chat_format import (
     render_prompt,
     stop_token_ids,
 )
+from tunedesk.train.sample_data import generate_pairs
+from tunedesk.train.tiny_base import TinyBaseConfig, build_tiny_base
 
 # Qwen2.5-Instruct's template shape, written out by hand (default system prompt included),
 # to check the mask logic on a template the project did not write for itself.

@@ -25,6 +25,7 @@ import pytest
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the annotations here
 from fastapi.responses import JSONResponse
 from test_eval_metrics import check_html
+
 from tunedesk.train.sample_data import CAVEAT, OOD_REFUSALS, generate_pairs
 from tunedesk.train.tiny_base import TinyBaseConfig, build_tiny_base
 
@@ -210,9 +211,9 @@ def test_local_scores_match_a_direct_computation(local_run, workspace):
     """Recompute sample answers and answer losses with plain transformers calls."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunedesk.eval import metrics as M
 
     from tunedesk.chat_format import encode_conversation, encode_prompt, stop_token_ids
+    from tunedesk.eval import metrics as M
 
     _, out = local_run
     _, rows, _ = _read(out)

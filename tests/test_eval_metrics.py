@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
+
 from tunedesk.eval import metrics as M
 from tunedesk.eval.gates import GateError, evaluate_gates, parse_gate, validate_gates
 from tunedesk.eval.report import render_report

@@ -21,6 +21,7 @@ import openai
 import pytest
 from openai import OpenAI
 from test_serve_support import build_tiny, cache_root
+
 from tunedesk.serve.auth import KeyStore
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings
@@ -389,9 +390,8 @@ def test_api_jobs_are_the_tunedesk_jobs(server):
 
 
 def test_serve_flag_turns_the_api_on():
-    from tunedesk.serve.commands import settings_from_args
-
     from tunedesk.cli import build_parser
+    from tunedesk.serve.commands import settings_from_args
 
     args = build_parser().parse_args(["serve", "--finetune", "--finetune-max-jobs", "2"])
     settings = settings_from_args(args)

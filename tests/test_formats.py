@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tunedesk.train.prepare.formats import FORMATS, FormatError, load_file
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "conformance"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tunedesk.train.config import TrainConfig
-from tunedesk.train.jobs import ID_PREFIX, JobNotFound, JobStore, pid_alive
 
 from tunedesk.cli import main
+from tunedesk.train.config import TrainConfig
+from tunedesk.train.jobs import ID_PREFIX, JobNotFound, JobStore, pid_alive
 
 
 def write_config(tmp_path: Path, tiny_base: Path, prepared_dir: Path, name: str, **fields) -> Path:
@@ -85,9 +85,8 @@ def test_bad_config_values_name_the_field(tiny_base, prepared_dir, workspace, ca
 
 
 def test_shipped_recipes_load():
-    from tunedesk.train.config import CONFIGS_DIR
-
     from tunedesk.config import load_config
+    from tunedesk.train.config import CONFIGS_DIR
 
     names = ["tiny-cpu", "qwen2.5-1.5b-qlora", "qwen2.5-7b-qlora", "llama3.1-8b-qlora"]
     for name in names:

@@ -14,6 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunedesk import cli
+from tunedesk.chat_format import CHATML_TEMPLATE, encode_conversation, encode_prompt
 from tunedesk.train.merge import (
     BUILTIN_PROMPTS,
     MergeError,
@@ -24,9 +27,6 @@ from tunedesk.train.merge import (
 )
 from tunedesk.train.sample_data import generate_pairs
 from tunedesk.train.tiny_base import IM_END, TinyBaseConfig, build_tiny_base
-
-from tunedesk import cli
-from tunedesk.chat_format import CHATML_TEMPLATE, encode_conversation, encode_prompt
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tunedesk.train.prepare.normalize import normalize_text
 from tunedesk.train.prepare.pii import find_pii, mask_pii
 from tunedesk.train.prepare.pipeline import PrepareOptions, prepare

@@ -7,6 +7,7 @@ import re
 from collections import Counter, defaultdict
 
 import pytest
+
 from tunedesk.train.sample_data import (
     CAVEAT,
     FUNDS,

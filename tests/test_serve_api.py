@@ -20,6 +20,7 @@ from test_serve_support import (
     serve,
     sse_events,
 )
+
 from tunedesk.serve.auth import KeyStore
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings

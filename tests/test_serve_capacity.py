@@ -12,6 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 from test_serve_support import build_tiny, cache_root, metric, serve
+
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings
 

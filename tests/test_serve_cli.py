@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tunedesk.cli import build_parser, main
+from tunedesk.errors import CommandError
 from tunedesk.serve.commands import settings_from_args
 from tunedesk.serve.engines.vllm import (
     VLLM_MISSING,
@@ -24,9 +27,6 @@ from tunedesk.serve.engines.vllm import (
 )
 from tunedesk.serve.model_ref import build_registry, resolve_model
 from tunedesk.serve.settings import ServeSettings
-
-from tunedesk.cli import build_parser, main
-from tunedesk.errors import CommandError
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_serve_support import build_tiny, cache_root
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tunedesk.serve.admission import Admission
 from tunedesk.serve.auth import ALL_SCOPES, KeyFileError, KeyStore
 from tunedesk.serve.engines.local.batcher import StepBatcher

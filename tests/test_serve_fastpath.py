@@ -18,6 +18,7 @@ from transformers import (
     MistralConfig,
     Qwen2Config,
 )
+
 from tunedesk.serve.engines.local.fastpath import LeanDecoder, unsupported_reason
 from tunedesk.serve.engines.local.slab import SlabCache
 

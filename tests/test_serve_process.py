@@ -16,6 +16,7 @@ import openai
 import pytest
 from openai import OpenAI
 from test_serve_support import build_tiny, cache_root, serve
+
 from tunedesk.serve.engines.local.process import EngineProcess
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tunedesk.train.sample_data import domain_corpus, generate_pairs
 from tunedesk.train.tiny_base import TinyBaseConfig, build_tiny_base
 

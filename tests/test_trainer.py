@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tunedesk.train.config import TrainConfig
-from tunedesk.train.data import LengthGroupedBatcher, collate, split_micro_batches, tokenize_split
-from tunedesk.train.jobs import JobStore, pid_alive
 
 from tunedesk.chat_format import IGNORE_INDEX
 from tunedesk.config import load_config
+from tunedesk.train.config import TrainConfig
+from tunedesk.train.data import LengthGroupedBatcher, collate, split_micro_batches, tokenize_split
+from tunedesk.train.jobs import JobStore, pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,6 +166,7 @@ def test_micro_batches_split_a_step_and_collate_pads_per_batch():
 def test_run_learns_and_changes_the_adapter(quantization, tiny_base, prepared_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
+
     from tunedesk.train.loop import run_training
 
     cfg = load_config(
@@ -252,9 +253,8 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
 def test_sigkill_then_resume_matches_an_uninterrupted_run(
     tiny_base, prepared_dir, tmp_path, monkeypatch
 ):
-    from tunedesk.train.loop import run_training
-
     from tunedesk.cli import main
+    from tunedesk.train.loop import run_training
 
     monkeypatch.setenv("TUNEDESK_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -335,6 +335,7 @@ def test_train_embeddings_trains_the_tied_embeddings_and_merges(tiny_base, prepa
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
     from tunedesk.train.loop import run_training
     from tunedesk.train.merge import merge_adapter
 

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from _chromium import chromium_page
 from test_serve_support import build_tiny, cache_root, metric, serve
+
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings
 from tunedesk.ui.app import build_app, launch

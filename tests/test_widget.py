@@ -11,6 +11,7 @@ import pytest
 from _chromium import chromium_page
 from openai import OpenAI
 from test_serve_support import build_tiny, cache_root, serve
+
 from tunedesk.serve.auth import KeyStore
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings

@@ -76,9 +76,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_cfg(path: Path | None, overrides: list[str]):
-    from tunedesk.train.config import DEFAULT_CONFIG, TrainConfig
-
     from tunedesk.config import ConfigError, load_config
+    from tunedesk.train.config import DEFAULT_CONFIG, TrainConfig
 
     try:
         return load_config(TrainConfig, path or DEFAULT_CONFIG, overrides)
@@ -112,10 +111,9 @@ def _rank() -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from tunedesk.config import describe
     from tunedesk.train.config import TrainConfig
     from tunedesk.train.jobs import JobError, JobNotFound, JobStore
-
-    from tunedesk.config import describe
 
     if args.fields:
         print(describe(TrainConfig))
@@ -196,9 +194,8 @@ def _runs_dir_from(overrides: list[str]) -> str | None:
 
 
 def _save_config(job, cfg) -> None:
-    from tunedesk.train.config import dump_yaml
-
     from tunedesk.io import atomic_write_text
+    from tunedesk.train.config import dump_yaml
 
     atomic_write_text(job.config_path, dump_yaml(cfg))
 

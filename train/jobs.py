@@ -52,10 +52,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunedesk.train.config import TrainConfig, dump_yaml, resolve_path
-
 from tunedesk import paths
 from tunedesk.io import atomic_write_json, atomic_write_text, read_jsonl
+from tunedesk.train.config import TrainConfig, dump_yaml, resolve_path
 
 log = logging.getLogger("tunedesk.train.jobs")
 
@@ -462,9 +461,8 @@ class JobStore:
         this process was started by `start()`, so it only runs a job still queued (a cancel
         may have come first). Resuming a finished job (say, with a larger max_steps) is allowed.
         """
-        from tunedesk.train.loop import TrainingError, run_training
-
         from tunedesk.config import ConfigError
+        from tunedesk.train.loop import TrainingError, run_training
 
         job.info()  # settle a dead previous process first
         with job._locked() as data:

@@ -41,9 +41,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from tunedesk.train.config import TrainConfig, resolve_path
-
 from tunedesk.io import atomic_dir, atomic_write_json, atomic_write_jsonl, read_jsonl
+from tunedesk.train.config import TrainConfig, resolve_path
 
 log = logging.getLogger("tunedesk.train")
 
@@ -130,6 +129,7 @@ def _train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
+
     from tunedesk.train.data import (
         DataError,
         LengthGroupedBatcher,

@@ -112,8 +112,6 @@ def main() -> int:
         "generate the sample fund Q&A",
         "data",
         "sample",
-        "-n",
-        "6000",
         "--out",
         "data/fund_qa.jsonl",
         timings=timings,

@@ -73,9 +73,8 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tunedesk.ui.feedback import FeedbackStore, export
-
     from tunedesk.errors import CommandError
+    from tunedesk.ui.feedback import FeedbackStore, export
 
     db = args.db or _default_db()
     if not db.exists():

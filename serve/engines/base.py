@@ -15,6 +15,7 @@ from typing import ClassVar, Generic, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
+
 from tunedesk.serve.auth import ApiKey
 from tunedesk.serve.context import RequestContext
 from tunedesk.serve.metrics import Metrics

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from tunedesk.errors import CommandError
 from tunedesk.serve.engines.base import Engine
 from tunedesk.serve.metrics import Metrics
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings
-
-from tunedesk.errors import CommandError
 
 
 def build_engine(

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 from starlette.responses import Response
+
 from tunedesk.serve.engines.base import ApiCall, Engine
 from tunedesk.serve.errors import BadGateway, GatewayTimeout, OpenAIError, Unavailable
 from tunedesk.serve.metrics import Metrics

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from tunedesk.errors import CommandError
 from tunedesk.serve.engines.proxy import ProxyEngine
 from tunedesk.serve.metrics import Metrics
 from tunedesk.serve.registry import ModelRegistry, ModelSpec
 from tunedesk.serve.settings import ServeSettings
-
-from tunedesk.errors import CommandError
 
 log = logging.getLogger("tunedesk.serve")
 

@@ -68,11 +68,10 @@ __all__ = ["install_finetuning"]
 def install_finetuning(app: FastAPI, poll_s: float = 0.5) -> Any:
     """Add the files and fine-tuning routes to a `create_app` app, and run the worker for the
     app's lifetime (started after the engine, stopped before it). Returns the `FineTuning`."""
+    from tunedesk import paths
     from tunedesk.serve.finetune.core import FineTuning
     from tunedesk.serve.finetune.files_routes import router as files_router
     from tunedesk.serve.finetune.jobs_routes import router as jobs_router
-
-    from tunedesk import paths
 
     state = app.state.tunedesk
     settings = state.settings

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunedesk.io import atomic_write_json, atomic_write_jsonl
 from tunedesk.serve.finetune.uploads import describe_problems
 from tunedesk.train.prepare.pipeline import FormatError, PrepareOptions, prepare
-
-from tunedesk.io import atomic_write_json, atomic_write_jsonl
 
 SPLIT_RATIOS = (0.9, 0.1, 0.0)
 WHOLE = (1.0, 0.0, 0.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+
 from tunedesk.serve.auth import ALL_SCOPES, ApiKey
 from tunedesk.serve.deps import KeyDep
 from tunedesk.serve.errors import PermissionDenied

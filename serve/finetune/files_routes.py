@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
+
 from tunedesk.serve.errors import NotFound
 from tunedesk.serve.finetune.deps import FineTuneKey, FineTuningDep
 from tunedesk.serve.finetune.protocol import file_object

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+
 from tunedesk.serve.deps import ContextDep
 from tunedesk.serve.errors import ModelNotFound
 from tunedesk.serve.finetune.deps import FineTuneKey, FineTuningDep

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tunedesk.config import ConfigError, from_dict
+from tunedesk.errors import CommandError
 from tunedesk.serve.errors import BadRequest, ModelNotFound
 from tunedesk.serve.finetune.protocol import CreateJobRequest
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.train.config import CONFIGS_DIR, DEFAULT_CONFIG, TrainConfig
-
-from tunedesk.config import ConfigError, from_dict
-from tunedesk.errors import CommandError
 
 NAMESPACE = "tunedesk"
 RESERVED = frozenset({"base_model", "data_dir", "train_file", "val_file", "runs_dir", "seed"})

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tunedesk.io import atomic_open
 from tunedesk.serve.errors import BadRequest
 from tunedesk.train.prepare.formats import FormatError, load_file
 from tunedesk.train.prepare.records import Problem
 from tunedesk.train.prepare.validate import check_record
-
-from tunedesk.io import atomic_open
 
 # Suffixes `load_file` reads by name; anything else is stored (and parsed) as JSONL.
 KNOWN_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")

@@ -35,13 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from tunedesk.io import atomic_write_text
 from tunedesk.serve.finetune import protocol
 from tunedesk.serve.finetune.data import DataProblem, Upload, prepare_job_data
 from tunedesk.serve.finetune.store import FineTuneStore, new_file_id
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.train.jobs import TERMINAL, Job, JobError, JobStore, pid_alive
-
-from tunedesk.io import atomic_write_text
 
 log = logging.getLogger("tunedesk.serve.finetune")
 
@@ -53,21 +52,10 @@ RESULTS_FILENAME = "step_metrics.csv"
 
 def settle_failed(job: Job, error: dict[str, Any]) -> None:
     """Record a failure that happened outside the training process (bad data, failed merge)
-    in the job's status.json, so `tunedesk jobs list` agrees with the API.
-
-    Uses the store's own lock (train.jobs has no public "fail" yet); a job whose training
-    process is alive is left to that process."""
-    if not job.status_path.is_file():
-        return
-    with job._locked() as data:  # noqa: SLF001 - see the docstring
-        if data["status"] in ("running", "cancelling", "failed", "cancelled"):
-            return
-        data.update(
-            status="failed",
-            finished_at=int(time.time()),
-            error={"code": error["code"], "message": error["message"]},
-        )
-    job.add_event(f"Job failed: {error['message']}", level="error", data={"error": error})
+    in the job's status.json, so `tunedesk jobs list` agrees with the API. A job whose
+    training process is alive is left to that process (see `Job.fail`)."""
+    if job.status_path.is_file():
+        job.fail(error["code"], error["message"])
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
 from tunedesk.serve.engines.local.runners import Runner, make_runner
 from tunedesk.serve.engines.local.sampling import SamplingParams, sample

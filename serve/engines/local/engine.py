@@ -8,6 +8,7 @@ import logging
 
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
+
 from tunedesk.serve.engines.base import ApiCall, Engine
 from tunedesk.serve.engines.local.models import LocalModels
 from tunedesk.serve.engines.local.serving import LocalServing

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunedesk.chat_format import stop_token_ids
 from tunedesk.serve.engines.local.batcher import StepBatcher
 from tunedesk.serve.engines.local.process import EngineProcess, EngineSpec
 from tunedesk.serve.errors import ModelNotFound, Unavailable
 from tunedesk.serve.registry import ModelRegistry, ModelSpec
 from tunedesk.serve.settings import ServeSettings
-
-from tunedesk.chat_format import stop_token_ids
 
 log = logging.getLogger("tunedesk.serve")
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
+
 from tunedesk.serve.engines.local.fastpath import LeanDecoder, unsupported_reason
 from tunedesk.serve.engines.local.kv import BatchCache, check_supported
 

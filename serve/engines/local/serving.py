@@ -15,6 +15,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
+
+from tunedesk.chat_format import ChatFormatError, encode_prompt
 from tunedesk.serve.context import RequestContext
 from tunedesk.serve.engines.base import ApiCall
 from tunedesk.serve.engines.local.batcher import SeqOutput
@@ -32,8 +34,6 @@ from tunedesk.serve.protocol import (
 )
 from tunedesk.serve.settings import ServeSettings
 from tunedesk.serve.streaming import DONE, ManagedStreamingResponse, sse_error, unless_disconnected
-
-from tunedesk.chat_format import ChatFormatError, encode_prompt
 
 log = logging.getLogger("tunedesk.serve")
 

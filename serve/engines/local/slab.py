@@ -21,6 +21,7 @@ is NaN. Every cell that enters the window for a row that did not write it is zer
 from __future__ import annotations
 
 import torch
+
 from tunedesk.serve.engines.local.fastpath import LeanCache
 
 

@@ -12,7 +12,8 @@ Protocol over one `multiprocessing` pipe, pickled tuples:
 - parent -> child: ("submit", [(seq id, prompt ids, SamplingParams, choice index)]),
   ("abort", [seq ids]), ("stop",)
 - child -> parent: ("ready",), ("failed", message) if the load failed,
-  ("out", [(seq id, text, tokens, finish_reason, error, at)]) once per step.
+  ("out", [(seq id, text, tokens, finish_reason, error, at)]) once per step, ("dead", reason)
+  if the batcher failed (its sequences got their errors first).
 The child exits when the pipe closes, so it never outlives the server. If the child dies, every
 open sequence fails with an error (500 or an in-band stream error) and `alive` turns False
 (/ready reports it, new requests get 503).

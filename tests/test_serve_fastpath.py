@@ -53,6 +53,17 @@ CONFIGS = {
 }
 
 
+def _left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned in one [n, longest] batch, and the mask of their real tokens."""
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def _reference_last_logits(model, tokens: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return model(input_ids=torch.tensor([tokens])).logits[0, -1]
@@ -66,12 +77,7 @@ def test_prefill_and_decode_match_the_transformers_forward(name):
     lean = LeanDecoder(model)
     rng = random.Random(1)
     prompts = [[rng.randrange(300) for _ in range(n)] for n in (5, 17, 1, 9)]
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
+    ids, mask = _left_pad(prompts)
     slab = lean.new_slab(torch.device("cpu"))
     with torch.inference_mode():
         logits, cache = lean.prefill(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
@@ -119,12 +125,7 @@ def test_rows_join_and_leave_through_relayouts_and_stay_exact():
                 prompts += [[rng.randrange(300) for _ in range(rng.randint(1, 20))]] * rng.randint(
                     0, 1
                 )
-                width = max(map(len, prompts))
-                ids = torch.zeros((len(prompts), width), dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, p in enumerate(prompts):
-                    ids[i, width - len(p) :] = torch.tensor(p)
-                    mask[i, width - len(p) :] = 1
+                ids, mask = _left_pad(prompts)
                 cap = (slab.row_cap, slab.col_cap)
                 logits, cache = lean.prefill(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
                 slab.join(cache, mask)
@@ -164,12 +165,7 @@ def test_rows_join_and_leave_through_relayouts_and_stay_exact():
 
 
 def _join(lean, slab, prompts):
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
+    ids, mask = _left_pad(prompts)
     logits, cache = lean.prefill(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
     slab.join(cache, mask)
     return logits

@@ -66,6 +66,8 @@ def test_question_gets_a_streamed_answer(servers):
             "tiny" in page.locator("#td-model").inner_text()
             or page.locator("#td-model input").input_value() == "tiny"
         )
+        # Gradio renders its components after the page loads: observe the chat once it exists.
+        page.locator("#td-chat").wait_for(timeout=30_000)
         page.evaluate(WATCH_BOT)
         _ask(page, QUESTION)
         bot = page.locator("#td-chat [data-testid='bot']").last

@@ -439,14 +439,15 @@ class StepBatcher:
         for loop, by_sink in by_loop.items():
             handoff = Handoff()
             with contextlib.suppress(RuntimeError):  # a closed loop: its requests are gone
-                loop.call_soon_threadsafe(_deliver, by_sink, handoff)
+                loop.call_soon_threadsafe(deliver_outputs, by_sink, handoff)
                 waits.append(handoff)
         deadline = time.monotonic() + self.handoff_timeout_s
         for handoff in waits:
             handoff.done.wait(max(0.0, deadline - time.monotonic()))
 
 
-def _deliver(by_sink: dict[OutputSink, list[SeqOutput]], handoff: Handoff) -> None:
+def deliver_outputs(by_sink: dict[OutputSink, list[SeqOutput]], handoff: Handoff) -> None:
+    """On the event loop: hand each sink its outputs of one step."""
     handoff.expect(len(by_sink))
     for sink, outs in by_sink.items():
         sink.push(outs, handoff)

@@ -13,7 +13,7 @@ logits against `model(...)` for prefill and decode, left padding included, on Qw
 Llama-shaped models. RoPE comes from the model's own `rotary_emb` module, so every RoPE
 scaling variant transformers implements is honoured. Anything this does not reproduce exactly
 (quantised or adapter-wrapped layers, sliding windows, q/k norms, other activations or model
-types) is refused by `LeanDecoder.build`, and the batcher then runs the transformers forward.
+types) is refused by `unsupported_reason`, and the batcher then runs the transformers forward.
 
 Fusing shares storage: the model's q/k/v and gate/up parameters become views into the fused
 tensors, so no weight is held twice.
@@ -149,10 +149,6 @@ class LeanDecoder:
                     down_w=mlp.down_proj.weight,
                 )
             )
-
-    @classmethod
-    def build(cls, model: nn.Module) -> LeanDecoder | None:
-        return None if unsupported_reason(model) is not None else cls(model)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # transformers normalises in float32 and scales in the model's dtype; same here.

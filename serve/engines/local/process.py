@@ -40,7 +40,7 @@ from tunedesk.serve.engines.local.batcher import (
     SeqOutput,
     Sequence,
     StepBatcher,
-    _deliver,
+    deliver_outputs,
 )
 
 log = logging.getLogger("tunedesk.serve")
@@ -298,7 +298,7 @@ class EngineProcess:
         self.fatal = EngineDead(f"the engine process exited (code {self._proc.exitcode})")
         orphans, self._seqs = list(self._seqs.values()), {}
         message = "the model was unloaded" if self._stopping else "the engine process exited"
-        self._deliver([(s, SeqOutput(s.index, "", 0, error=message)) for s in orphans])
+        self._deliver_pairs([(s, SeqOutput(s.index, "", 0, error=message)) for s in orphans])
 
     def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
         pairs: list[tuple[Sequence, SeqOutput]] = []
@@ -309,13 +309,13 @@ class EngineProcess:
             if finish is not None or error is not None:
                 del self._seqs[sid]
             pairs.append((seq, SeqOutput(seq.index, text, tokens, finish, error, at)))
-        self._deliver(pairs)
+        self._deliver_pairs(pairs)
 
     @staticmethod
-    def _deliver(pairs: list[tuple[Sequence, SeqOutput]]) -> None:
+    def _deliver_pairs(pairs: list[tuple[Sequence, SeqOutput]]) -> None:
         by_sink: dict[OutputSink, list[SeqOutput]] = {}
         for seq, out in pairs:
             assert seq.sink is not None
             by_sink.setdefault(seq.sink, []).append(out)
         # Nobody waits on this hand-off: the child steps on without the event loop.
-        _deliver(by_sink, Handoff())
+        deliver_outputs(by_sink, Handoff())

@@ -301,3 +301,40 @@ def test_qlora_adapter_merges_into_the_fp32_base(tiny_base, tmp_path):
     with pytest.raises(MergeError, match="quantised"):
         merge_adapter(str(adapter), tmp_path / "never", base=str(quantized), parity=False)
     assert not (tmp_path / "never").exists()
+
+
+# An adapter that trains its own copy of a tied output head (peft modules_to_save=["lm_head"]):
+# the merged model must keep that head apart from the input embeddings.
+
+
+def test_adapter_with_its_own_head_unties_it_in_the_merged_model(tiny_base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=LORA_TARGETS,
+        modules_to_save=["lm_head"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # what training the head would do: it moves away from the embeddings
+        head = peft_model.base_model.model.lm_head.modules_to_save["default"]
+        head.weight.add_(0.5 * torch.randn_like(head.weight))
+    adapter = tmp_path / "head-adapter"
+    peft_model.save_pretrained(adapter)
+
+    out = tmp_path / "merged"
+    report = merge_adapter(str(adapter), out, dtype="float32")
+    assert report["parity"]["passed"] and report["parity"]["greedy_identical"]
+    merged_model = AutoModelForCausalLM.from_pretrained(out)
+    assert not merged_model.config.tie_word_embeddings
+    embed = merged_model.get_input_embeddings().weight
+    assert not torch.equal(merged_model.get_output_embeddings().weight, embed)
+    # The input side is the base's, untouched.
+    base_embed = AutoModelForCausalLM.from_pretrained(tiny_base).get_input_embeddings().weight
+    assert torch.equal(embed, base_embed)

@@ -1,7 +1,7 @@
 """Merging a LoRA / QLoRA adapter into its base model (train/merge.py, train/commands_merge.py).
 
-Everything runs on a tiny offline base (0.14M parameters) built once per module, so the real
-transformers/peft code paths are exercised in seconds on a CPU.
+Everything runs on the suite's shared tiny offline base (conftest's `tiny_base`, ~0.2M
+parameters), so the real transformers/peft code paths are exercised in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tunedesk.train.merge import (
     resolve_dtype,
 )
 from tunedesk.train.sample_data import generate_pairs
-from tunedesk.train.tiny_base import IM_END, TinyBaseConfig, build_tiny_base
+from tunedesk.train.tiny_base import IM_END
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -39,22 +39,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    pairs = generate_pairs(200)
-    texts = [p["prompt"] for p in pairs] + [p["completion"] for p in pairs]
-    cfg = TinyBaseConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=128,
-    )
-    out = tmp_path_factory.mktemp("base") / "tiny-base"
-    return build_tiny_base(out, texts, cfg, log=lambda _m: None)
 
 
 def _make_adapter(base: Path, out: Path, seed: int) -> Path:

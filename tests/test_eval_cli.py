@@ -27,7 +27,6 @@ from fastapi.responses import JSONResponse
 from test_eval_metrics import check_html
 
 from tunedesk.train.sample_data import CAVEAT, OOD_REFUSALS, generate_pairs
-from tunedesk.train.tiny_base import TinyBaseConfig, build_tiny_base
 
 JOB_ID = "ftjob-evaltest0001"
 
@@ -90,20 +89,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory, tiny_base) -> Path:
     """models/tiny-base, a fake finished job with its merged model, and an 8-record test set."""
     ws = tmp_path_factory.mktemp("evalws")
-    pairs = generate_pairs(200)
-    texts = [p["prompt"] for p in pairs] + [p["completion"] for p in pairs]
-    cfg = TinyBaseConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        intermediate_size=128,
-    )
-    base = build_tiny_base(ws / "models" / "tiny-base", texts, cfg, log=lambda _m: None)
+    base = shutil.copytree(tiny_base, ws / "models" / "tiny-base")
     records = _records()
     _write_jsonl(ws / "test.jsonl", records)
     # The "fine-tuned" model: the base overfitted on the test records, so its answers are real

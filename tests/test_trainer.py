@@ -312,6 +312,66 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     assert "Job resumed" in messages and messages[-1] == "Job succeeded"
 
 
+@pytest.mark.slow
+def test_processes_2_trains_one_job_in_two_processes_like_one(
+    tiny_base, prepared_dir, tmp_path, monkeypatch
+):
+    """`--processes 2` runs the same command in two torchrun workers (gloo on CPU): one job,
+    each process half of every batch, so the losses are those of a one-process run."""
+    from tunedesk.cli import main
+
+    monkeypatch.setenv("TUNEDESK_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    fields = {"max_steps": 6, "save_every": 3, "eval_every": 3, "log_every": 1}
+    cfg_path = make_config(tmp_path, tiny_base, prepared_dir, **fields)
+    assert main(["train", str(cfg_path), "--job-id", "ftjob-000000000001", "--no-progress"]) == 0
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "WORLD_SIZE")}
+    out = subprocess.run(
+        [sys.executable, "-m", "tunedesk.cli", "train", str(cfg_path), "--processes", "2"]
+        + ["--job-id", "ftjob-000000000002", "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 processes (torchrun)" in out.stderr
+
+    store = JobStore(tmp_path / "runs")
+    one, two = store.get("ftjob-000000000001"), store.get("ftjob-000000000002")
+    info = two.info()
+    assert info["status"] == "succeeded"
+    s1, s2 = one.info()["summary"], info["summary"]
+    assert s2["processes"] == 2 and s1["processes"] == 1
+    assert s2["step"] == s1["step"] == 6
+    assert s2["trained_tokens"] == s1["trained_tokens"]  # every example once, in both
+    # Same global batches: the losses agree up to the order of floating-point sums.
+    assert train_losses(two.dir) == pytest.approx(train_losses(one.dir), rel=5e-3)
+    assert s2["val_loss"] == pytest.approx(s1["val_loss"], rel=5e-3)
+    assert (two.dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (two.dir / "checkpoints" / "step-6").is_dir()
+    # Only rank 0 keeps the books: one start and one end in the job's events.
+    messages = [e["message"] for e in two.events()]
+    assert messages.count("Job started") == 1 and messages[-1] == "Job succeeded"
+
+
+def test_processes_must_be_positive_and_stay_in_the_foreground(
+    tiny_base, prepared_dir, tmp_path, monkeypatch, capsys
+):
+    from tunedesk.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg_path = make_config(tmp_path, tiny_base, prepared_dir)
+    assert main(["train", str(cfg_path), "--processes", "0"]) == 2
+    assert "--processes must be 1 or more" in capsys.readouterr().err
+    assert main(["train", str(cfg_path), "--processes", "2", "--detach"]) == 2
+    assert "drop --detach" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_training_goes_on_after_an_evaluation_that_saves_nothing(tiny_base, prepared_dir, tmp_path):
     """bitsandbytes repacks 4-bit weights for inference on an eval-mode CPU forward (with
     AVX512-BF16) and only undoes it when a state dict is taken; training on the packed layout

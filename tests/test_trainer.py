@@ -356,6 +356,22 @@ def test_processes_2_trains_one_job_in_two_processes_like_one(
     messages = [e["message"] for e in two.events()]
     assert messages.count("Job started") == 1 and messages[-1] == "Job succeeded"
 
+    # Resuming in two processes continues the same job from its last checkpoint.
+    out = subprocess.run(
+        [sys.executable, "-m", "tunedesk.cli", "train", "--resume", "ftjob-000000000002"]
+        + ["--processes", "2", "--max_steps=8", "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = two.info()["summary"]
+    assert resumed["status"] == "succeeded" and resumed["processes"] == 2
+    assert resumed["resumed_from_step"] == 6 and resumed["step"] == 8
+    assert [e["message"] for e in two.events()].count("Job resumed") == 1
+
 
 def test_processes_must_be_positive_and_stay_in_the_foreground(
     tiny_base, prepared_dir, tmp_path, monkeypatch, capsys

@@ -214,8 +214,8 @@ def _launch_processes(args: argparse.Namespace, overrides: list[str], job_id: st
     """Run this same command in `args.processes` processes under torchrun, one job for all.
 
     On CPU, small models gain little from a second thread per matmul, while a second process
-    doubles the work done at once: on the tiny recipe, 2 processes x 1 thread trained 1.4x
-    faster than 1 process x 2 threads. The global batch is unchanged (each process takes its
+    doubles the work done at once: on the tiny recipe, 2 processes x 1 thread trained 1.5x
+    faster than 1 process x 2 threads (bench/train_processes.py). The global batch is unchanged (each process takes its
     share), so the recipe means the same thing with any process count.
     """
     import subprocess

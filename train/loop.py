@@ -333,7 +333,10 @@ def _train(
 
             adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
             set_peft_model_state_dict(accelerator.unwrap_model(model), adapter)
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device))
+            # Several CPU processes run on device "cpu:0", a location torch.load can't restore
+            # tensors to: load onto plain "cpu" there.
+            here = torch.device("cpu") if device.type == "cpu" else device
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=here))
             scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt"))
             state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
             rng_states = torch.load(ckpt / "rng.pt")

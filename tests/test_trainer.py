@@ -327,17 +327,22 @@ def test_processes_2_trains_one_job_in_two_processes_like_one(
     assert main(["train", str(cfg_path), "--job-id", "ftjob-000000000001", "--no-progress"]) == 0
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "WORLD_SIZE")}
-    out = subprocess.run(
-        [sys.executable, "-m", "tunedesk.cli", "train", str(cfg_path), "--processes", "2"]
-        + ["--job-id", "ftjob-000000000002", "--no-progress"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "2 processes (torchrun)" in out.stderr
+
+    def train_in_two_processes(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "tunedesk.cli", "train", *args, "--processes", "2"]
+            + ["--no-progress"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stderr
+
+    stderr = train_in_two_processes(str(cfg_path), "--job-id", "ftjob-000000000002")
+    assert "2 processes (torchrun)" in stderr
 
     store = JobStore(tmp_path / "runs")
     one, two = store.get("ftjob-000000000001"), store.get("ftjob-000000000002")
@@ -357,16 +362,7 @@ def test_processes_2_trains_one_job_in_two_processes_like_one(
     assert messages.count("Job started") == 1 and messages[-1] == "Job succeeded"
 
     # Resuming in two processes continues the same job from its last checkpoint.
-    out = subprocess.run(
-        [sys.executable, "-m", "tunedesk.cli", "train", "--resume", "ftjob-000000000002"]
-        + ["--processes", "2", "--max_steps=8", "--no-progress"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    train_in_two_processes("--resume", "ftjob-000000000002", "--max_steps=8")
     resumed = two.info()["summary"]
     assert resumed["status"] == "succeeded" and resumed["processes"] == 2
     assert resumed["resumed_from_step"] == 6 and resumed["step"] == 8

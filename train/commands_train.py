@@ -155,13 +155,9 @@ def _train(args: argparse.Namespace) -> int:
         if args.detach:
             raise CommandError("--processes > 1 runs in the foreground only: drop --detach")
         try:
-            if job is None:
-                # Created here, before any worker starts: a worker must never find the job's
-                # folder half made (and rank 0 then just opens it).
-                try:
-                    job = store.get(args.job_id) if args.job_id else store.create(cfg)
-                except JobNotFound:
-                    job = store.create(cfg, job_id=args.job_id)
+            # Made here, before any worker starts: a worker must never find the job's folder
+            # half made (rank 0 then just opens it).
+            job = job or _open_or_create(store, cfg, args.job_id)
         except JobError as exc:
             raise CommandError(str(exc)) from None
         return _launch_processes(args, overrides, job.id)
@@ -176,13 +172,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        if job is None and args.job_id:
-            try:
-                job = store.get(args.job_id)
-            except JobNotFound:
-                job = store.create(cfg, job_id=args.job_id)
-        elif job is None:
-            job = store.create(cfg)
+        job = job or _open_or_create(store, cfg, args.job_id)
         if (args.resume or args.config or overrides) and not args.detached_child:
             _save_config(job, cfg)
         if args.detach:
@@ -208,6 +198,18 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     _print_final(final)
     return 0 if final["status"] == "succeeded" else 1
+
+
+def _open_or_create(store, cfg, job_id: str | None):
+    """The job named `job_id` (created if new), or a new job with a random id."""
+    from tunedesk.train.jobs import JobNotFound
+
+    if job_id is None:
+        return store.create(cfg)
+    try:
+        return store.get(job_id)
+    except JobNotFound:
+        return store.create(cfg, job_id=job_id)
 
 
 def _launch_processes(args: argparse.Namespace, overrides: list[str], job_id: str) -> int:

@@ -82,7 +82,7 @@ def _from_record(rec: Any, where: str, index: int) -> EvalSample:
     elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
         prompt = [{"role": "user", "content": rec["prompt"]}]
         reference = rec["completion"]
-        meta = {k: rec[k] for k in ("group", "topic") if k in rec} | meta
+        meta = {k: rec[k] for k in ("group", "topic", "family", "phrasing") if k in rec} | meta
     else:
         raise DataError(f"{where}: expected `messages` (chat) or `prompt` + `completion`")
     if not reference.strip():

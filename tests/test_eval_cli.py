@@ -43,7 +43,7 @@ def _records(n_per_topic: int = 1, limit: int = 8) -> list[dict]:
                 {"role": "user", "content": p["prompt"]},
                 {"role": "assistant", "content": p["completion"]},
             ],
-            "meta": {"group": p["group"], "topic": p["topic"], "source": "test"},
+            "meta": {"family": p["family"], "topic": p["topic"], "source": "test"},
         }
         for p in picked
     ]

@@ -259,22 +259,49 @@ def test_cli_bad_input_is_a_clear_message_not_a_traceback(tmp_path):
 
 def test_cli_prepares_sample_data(tmp_path):
     assert _cli("data", "sample", "--out", "qa.jsonl", cwd=tmp_path).returncode == 0
-    done = _cli("prepare", "qa.jsonl", "--out", "prepared", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    report = json.loads((tmp_path / "prepared" / "report.json").read_text())
-    assert report["counts"]["kept"] >= 3000
-    test_rows = [
-        json.loads(x) for x in (tmp_path / "prepared" / "test.jsonl").read_text().splitlines()
-    ]
-    train_rows = [
-        json.loads(x) for x in (tmp_path / "prepared" / "train.jsonl").read_text().splitlines()
-    ]
-    # Held-out entities: funds asked about in test never appear in training questions.
-    test_funds = {r["meta"]["group"] for r in test_rows if r["meta"]["group"].startswith("fund:")}
-    train_groups = {r["meta"]["group"] for r in train_rows}
-    assert test_funds and not (test_funds & train_groups)
-    test_tpl = {r["meta"]["group"] for r in test_rows if r["meta"]["group"].startswith("tpl:")}
-    assert test_tpl and not (test_tpl & train_groups)
+
+    def split(*flags: str) -> dict[str, list[dict]]:
+        out = "prepared" + "".join(flags).replace("-", "_")
+        done = _cli("prepare", "qa.jsonl", "--out", out, *flags, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        report = json.loads((tmp_path / out / "report.json").read_text())
+        assert report["counts"]["kept"] >= 3000
+        return {
+            name: [
+                json.loads(x) for x in (tmp_path / out / f"{name}.jsonl").read_text().splitlines()
+            ]
+            for name in ("train", "val", "test")
+        }
+
+    def keys(rows: list[dict], field: str) -> set[str]:
+        return {r["meta"][field] for r in rows}
+
+    # As a customer's export is split (the demo's): no test question is a training question,
+    # yet test questions do share templates with training ones (the phrasing key is the
+    # sample's, looked up by the source line prepare records).
+    default = split()
+    train_questions = {r["messages"][0]["content"] for r in default["train"]}
+    assert not any(r["messages"][0]["content"] in train_questions for r in default["test"])
+    sample = (tmp_path / "qa.jsonl").read_text(encoding="utf-8").splitlines()
+
+    def phrasings(rows: list[dict]) -> set[str]:
+        lines = (int(r["meta"]["source"].rsplit(":", 1)[1]) for r in rows)
+        return {json.loads(sample[n - 1])["phrasing"] for n in lines}
+
+    assert phrasings(default["test"]) & phrasings(default["train"])
+    # Held out by family: funds and phrasing families the fine-tune never saw.
+    strict = split("--group-field", "family")
+    test_families = keys(strict["test"], "family")
+    assert any(f.startswith("fund:") for f in test_families)
+    assert any(f.startswith("tpl:") for f in test_families)
+    assert not test_families & keys(strict["train"], "family")
+    # Held out by phrasing: every test question is worded by a template training never used.
+    by_phrasing = split("--group-field", "phrasing")
+    assert not keys(by_phrasing["test"], "phrasing") & keys(by_phrasing["train"], "phrasing")
+    # A misspelt field is an error that names the flag, not a silent ungrouped split.
+    typo = _cli("prepare", "qa.jsonl", "--out", "typo", "--group-field", "famliy", cwd=tmp_path)
+    assert typo.returncode == 2 and "--group-field 'famliy'" in typo.stderr
+    assert "family" in typo.stderr and not (tmp_path / "typo").exists()
 
 
 def test_same_answer_to_different_questions_is_not_a_near_duplicate():
@@ -311,13 +338,13 @@ def test_sample_data_holds_out_phrasings_not_whole_intents(tmp_path):
         "\n".join(json.dumps(p, ensure_ascii=False) for p in generate_pairs(3200)) + "\n",
         encoding="utf-8",
     )
-    result = prepare([path], None)
+    result = prepare([path], None, PrepareOptions(group_field="family"))
 
     def intents(split: str) -> set[str]:
         return {
-            r["meta"]["group"].rsplit(":", 1)[0]
+            r["meta"]["family"].rsplit(":", 1)[0]
             for r in result.splits[split]
-            if r["meta"]["group"].startswith("tpl:")
+            if r["meta"]["family"].startswith("tpl:")
         }
 
     test, train = intents("test"), intents("train")

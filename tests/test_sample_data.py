@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from tunedesk.train.sample_data import (
+    _PREFIXES,
     CAVEAT,
     FUNDS,
     domain_corpus,
@@ -39,7 +40,7 @@ def rows() -> list[dict]:
 def test_default_count_and_schema(rows):
     assert len(rows) >= 3000
     for r in rows:
-        assert set(r) == {"prompt", "completion", "group", "topic"}
+        assert set(r) == {"prompt", "completion", "topic", "family", "phrasing"}
         assert all(isinstance(v, str) and v for v in r.values())
 
 
@@ -63,7 +64,7 @@ def test_fund_facts_agree_on_management_fee(rows):
     fees_by_fund: dict[str, set[str]] = defaultdict(set)
     for r in rows:
         if r["topic"] == "fund_facts":
-            fees_by_fund[r["group"]].update(MGMT_FEE.findall(r["completion"]))
+            fees_by_fund[r["family"]].update(MGMT_FEE.findall(r["completion"]))
     # Enough funds mention a fee for the check to mean something.
     assert len(fees_by_fund) >= 30
     for group, fees in fees_by_fund.items():
@@ -74,11 +75,11 @@ def test_fund_facts_agree_on_management_fee(rows):
         assert fees <= {sheet[group]}, (group, fees)
 
 
-def test_fund_fact_groups_are_one_fund(rows):
+def test_fund_fact_families_are_one_fund(rows):
     codes = {f.code: f.name for f in FUNDS}
     for r in rows:
         if r["topic"] == "fund_facts":
-            code = r["group"].removeprefix("fund:")
+            code = r["family"].removeprefix("fund:")
             assert code in codes
             assert code in r["completion"] or codes[code] in r["completion"]
 
@@ -103,18 +104,33 @@ def test_no_forbidden_claims(rows):
 def test_out_of_domain_share(rows):
     ood = [r for r in rows if r["topic"] == "out_of_domain"]
     assert 0.05 <= len(ood) / len(rows) <= 0.12
-    assert all(r["group"].startswith("ood:") for r in ood)
-    assert len({r["group"] for r in ood}) >= 4
+    assert all(r["family"].startswith("ood:") for r in ood)
+    assert len({r["family"] for r in ood}) >= 4
     assert all("基金" in r["completion"] for r in ood)
 
 
-def test_groups(rows):
-    counts = Counter(r["group"] for r in rows)
+def test_families_and_phrasings(rows):
+    counts = Counter(r["family"] for r in rows)
     assert len(counts) >= 80
     assert max(counts.values()) <= 0.03 * len(rows)
+    phrasings = Counter(r["phrasing"] for r in rows)
+    assert len(phrasings) >= 2 * len(counts)
     for r in rows:
         prefix = {"fund_facts": "fund:", "out_of_domain": "ood:"}.get(r["topic"], "tpl:")
-        assert r["group"].startswith(prefix), r
+        assert r["family"].startswith(prefix), r
+        if prefix == "tpl:":  # a template family's phrasings are named under it
+            assert r["phrasing"].startswith(r["family"] + ":"), r
+    # One phrasing is one template: account questions have no slots, so once the greeting and
+    # the closing particle are stripped, all questions of one phrasing are the same words.
+    greetings = sorted((p for p in _PREFIXES if p), key=len, reverse=True)
+    cores: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r["topic"] == "account":
+            q = next(
+                (r["prompt"][len(g) :] for g in greetings if r["prompt"].startswith(g)), r["prompt"]
+            )
+            cores[r["phrasing"]].add(q.rstrip("？?。呀啊呢"))
+    assert len(cores) >= 20 and all(len(c) == 1 for c in cores.values())
 
 
 def test_few_exact_duplicates(rows):

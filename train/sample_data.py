@@ -5,10 +5,17 @@ customer-service assistant. `domain_corpus` produces plain prose built from the 
 to pre-train a tiny base model (and its tokenizer) that knows the domain's language but has never
 seen the question -> answer task.
 
-Every record carries a `group` key so that a later split can keep whole groups out of training:
-questions about one fictional fund share `fund:<code>`, other questions share
-`tpl:<intent>:<family>` (a family is a set of related phrasings), out-of-domain questions share
-`ood:<family>`. Held-out groups are therefore unseen funds or unseen phrasings.
+Records look like a customer's own export (prompt, completion, topic), so `tunedesk prepare`
+splits them as it would split yours: exact and near-duplicate questions kept in one split, the
+rest dealt at random. Two extra keys name what each question was built from, so a stricter
+held-out test can be asked for with `prepare --group-field`:
+- `family`: questions about one fictional fund share `fund:<code>`, other questions share
+  `tpl:<intent>:<family>` (a family is a set of related phrasings), out-of-domain questions
+  share `ood:<family>`. Held out by family, the test split is unseen funds and unseen ways of
+  asking (the fine-tune has seen the intent only in other families).
+- `phrasing`: one question template, `tpl:<intent>:<family>:<k>`, `fact:<intent>:<k>` or
+  `ood:<family>:<k>`. Held out by phrasing, every test question is worded in a way the
+  fine-tune never saw.
 
 All funds, managers and codes below are fictional. Only `random.Random(seed)` is used, so the same
 seed always gives byte-identical output.
@@ -1915,20 +1922,23 @@ def _intent_row(rng: random.Random, intent: Intent, family: int) -> dict:
     values = {k.rstrip("_"): _pick(rng, v) for k, v in slot.items() if k != "a"}
     if rng.random() < 0.5 and "a" in values and "b" in values:
         values["a"], values["b"] = values["b"], values["a"]
-    prompt = _decorate(rng, rng.choice(intent.families[family]).format(**values))
+    templates = intent.families[family]
+    k = rng.randrange(len(templates))  # draws exactly as rng.choice(templates) did
+    prompt = _decorate(rng, templates[k].format(**values))
     answer = rng.choice(slot.get("a", intent.answers)).format(**values)
     if intent.topic == "recommend":
         answer += CAVEAT
     return {
         "prompt": prompt,
         "completion": _with_opener(rng, answer),
-        "group": f"tpl:{intent.name}:{family}",
+        "family": f"tpl:{intent.name}:{family}",
+        "phrasing": f"tpl:{intent.name}:{family}:{k}",
         "topic": intent.topic,
     }
 
 
 def _intent_rows(rng: random.Random, topic: str, count: int, seen: set) -> list[dict]:
-    # Cycling through every (intent, family) keeps group sizes even.
+    # Cycling through every (intent, family) keeps family sizes even.
     units = [(i, f) for i in _intents() if i.topic == topic for f in range(len(i.families))]
     rng.shuffle(units)
     return [
@@ -1939,13 +1949,13 @@ def _intent_rows(rng: random.Random, topic: str, count: int, seen: set) -> list[
 def _fact_row(rng: random.Random, fund: Fund) -> dict:
     intent = rng.choice(FACT_INTENTS)
     investor = rng.choice(tuple(INVESTOR_TYPES))
-    core = rng.choice(intent.templates).format(
-        ref=rng.choice(_fund_refs(fund)), name=fund.name, c=investor
-    )
+    k = rng.randrange(len(intent.templates))
+    core = intent.templates[k].format(ref=rng.choice(_fund_refs(fund)), name=fund.name, c=investor)
     return {
         "prompt": _decorate(rng, core),
         "completion": _with_opener(rng, rng.choice(_fact_answers(intent, fund, investor))),
-        "group": f"fund:{fund.code}",
+        "family": f"fund:{fund.code}",
+        "phrasing": f"fact:{intent.name}:{k}",
         "topic": "fund_facts",
     }
 
@@ -1958,10 +1968,12 @@ def _fact_rows(rng: random.Random, count: int, seen: set) -> list[dict]:
 
 def _ood_row(rng: random.Random, family: str) -> dict:
     refusals = OOD_INSIDER_REFUSALS if family == "insider" else OOD_REFUSALS
+    k = rng.randrange(len(OOD_QUESTIONS[family]))
     return {
-        "prompt": _decorate(rng, rng.choice(OOD_QUESTIONS[family])),
+        "prompt": _decorate(rng, OOD_QUESTIONS[family][k]),
         "completion": rng.choice(refusals),
-        "group": f"ood:{family}",
+        "family": f"ood:{family}",
+        "phrasing": f"ood:{family}:{k}",
         "topic": "out_of_domain",
     }
 
@@ -1974,7 +1986,7 @@ def _ood_rows(rng: random.Random, count: int, seen: set) -> list[dict]:
 
 
 def generate_pairs(n: int = 3200, seed: int = 0) -> list[dict]:
-    """Return n records {"prompt": str, "completion": str, "group": str, "topic": str}."""
+    """Return n records {"prompt", "completion", "topic", "family", "phrasing"}, all strings."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
@@ -1994,8 +2006,8 @@ def generate_pairs(n: int = 3200, seed: int = 0) -> list[dict]:
 def write_sample(out_path: str | os.PathLike[str], n: int = 3200, seed: int = 0) -> int:
     """Write generate_pairs(...) as prompt/completion JSONL (ensure_ascii=False), atomically.
 
-    The `group` and `topic` keys are kept on every row: the split step needs `group`.
-    Returns rows written.
+    `topic`, `family` and `phrasing` are kept on every row (prepare passes them through to
+    `meta`; `--group-field family` or `phrasing` splits by them). Returns rows written.
     """
     return atomic_write_jsonl(out_path, generate_pairs(n, seed))
 

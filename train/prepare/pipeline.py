@@ -81,11 +81,13 @@ def _percentiles(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def _output_row(record: Record, split: str) -> dict[str, Any]:
+def _output_row(record: Record, group_field: str) -> dict[str, Any]:
     row: dict[str, Any] = {"messages": record.messages}
     if record.tools:
         row["tools"] = record.tools
-    meta = {k: v for k, v in record.meta.items() if k in ("group", "dataset", "topic")}
+    # Other source columns stay behind: they may hold anything (names, notes, PII).
+    wanted = ("group", "dataset", "topic", group_field)
+    meta = {k: v for k, v in record.meta.items() if k in wanted}
     meta["source"] = record.location()
     row["meta"] = meta
     return row
@@ -124,8 +126,9 @@ def prepare(
 ) -> PrepareResult:
     """Run the whole preparation; writes outputs when `out_dir` is given.
 
-    Raises FormatError for an input that can't be read at all. Bad records are reported in
-    the result's report and left out; nothing else raises.
+    Raises FormatError for an input that can't be read at all, or a `group_field` that no
+    record has. Bad records are reported in the result's report and left out; nothing else
+    raises.
     """
     opts = opts or PrepareOptions()
     started = time.perf_counter()
@@ -137,6 +140,14 @@ def prepare(
         normalize_record(r)
         if opts.group_field != "group" and opts.group_field in r.meta:
             r.meta["group"] = r.meta[opts.group_field]
+    named = opts.group_field != "group"
+    if named and records and not any(opts.group_field in r.meta for r in records):
+        # A misspelt field would otherwise give a plain split without a word.
+        seen = sorted({k for r in records for k in r.meta})
+        raise FormatError(
+            f"--group-field {opts.group_field!r}: no record has that field"
+            + (f" (fields found: {', '.join(seen)})" if seen else "")
+        )
 
     bad: set[int] = set()
     for i, r in enumerate(records):
@@ -322,7 +333,7 @@ def prepare(
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
     split_tokens = {name: 0 for name in SPLITS}
     for k, name in zip(final, split_names, strict=True):
-        splits[name].append(_output_row(records[kept[k]], name))
+        splits[name].append(_output_row(records[kept[k]], opts.group_field))
         split_tokens[name] += int(total_tokens[k])
     final_mask = np.zeros(len(kept), dtype=bool)
     final_mask[final] = True

@@ -17,7 +17,7 @@ import yaml
 
 from tunedesk.cli import main
 from tunedesk.train.config import TrainConfig
-from tunedesk.train.jobs import ID_PREFIX, JobNotFound, JobStore, pid_alive
+from tunedesk.train.jobs import ID_PREFIX, JobError, JobNotFound, JobStore, pid_alive
 
 
 def write_config(tmp_path: Path, tiny_base: Path, prepared_dir: Path, name: str, **fields) -> Path:
@@ -127,6 +127,20 @@ def test_store_create_get_list_and_cancel_a_queued_job(tmp_path):
     assert first.fail("invalid_file", "line 3 is not JSON")
     assert first.info()["error"] == {"code": "invalid_file", "message": "line 3 is not JSON"}
     assert not first.fail("other", "ignored")
+
+
+def test_create_adopts_a_folder_another_process_made_first_but_never_a_job(tmp_path):
+    # `accelerate launch`: a non-main process may make runs/<id>/ before rank 0 creates the job.
+    store = JobStore(tmp_path / "runs")
+    job_id = "ftjob-0123456789ab"
+    (store.root / job_id / "checkpoints").mkdir(parents=True)
+    with pytest.raises(JobNotFound):
+        store.get(job_id)  # a bare folder is not a job
+    job = store.create(TrainConfig(), job_id=job_id)
+    assert store.get(job_id).id == job_id and job.status == "queued"
+    with pytest.raises(JobError, match="already exists"):
+        store.create(TrainConfig(), job_id=job_id)
+    assert job.status == "queued"  # the existing job is untouched
 
 
 def test_a_running_job_whose_process_died_reads_as_failed(tmp_path):

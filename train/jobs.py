@@ -336,7 +336,14 @@ class JobStore:
         if not _ID_RE.fullmatch(job_id):
             raise JobError(f"job id {job_id!r} must look like {ID_PREFIX}<12 hex digits>")
         job_dir = self.root / job_id
-        job_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            job_dir.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            # Under `accelerate launch` every process gets the same --job-id and the others
+            # may make the folder (and their logs in it) before rank 0 creates the job: a job
+            # is a folder with a status file, and until then the folder is nobody's.
+            if (job_dir / "status.json").exists() or not job_dir.is_dir():
+                raise JobError(f"job {job_id} already exists in {self.root}") from None
         job = Job(job_dir)
         atomic_write_text(job.config_path, dump_yaml(cfg))
         data_dir = resolve_path(cfg.data_dir)

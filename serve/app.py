@@ -74,7 +74,10 @@ def create_app(settings: ServeSettings, engine: Engine, keys: KeyStore | None = 
         install_finetuning(app)
     # Added innermost first: the access log wraps everything, CORS answers preflights before
     # auth or size checks run, and the size limit guards the body the routes read.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    uploads = {"/v1/files": settings.max_upload_bytes} if settings.finetune else {}
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, max_bytes_by_path=uploads
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

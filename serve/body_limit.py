@@ -1,6 +1,7 @@
 """Refuse request bodies over a size limit with 413, before they are buffered.
 
-Content-Length is checked up front; a chunked (or lying) body is counted as it streams in and
+One limit for every route, except paths given their own (file uploads are far larger than any
+chat request). Content-Length is checked up front; a chunked (or lying) body is counted as it streams in and
 cut off the moment it passes the limit, so a client can't make the server buffer gigabytes.
 """
 
@@ -19,26 +20,31 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"Request body is larger than the {max_bytes}-byte limit.")
 
 
+def _error(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
+
+
 class BodySizeLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, max_bytes_by_path: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
-
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"Request body is larger than the {self.max_bytes}-byte limit.")
+        self.max_bytes_by_path = max_bytes_by_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes_by_path.get(scope["path"], self.max_bytes)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
-                    await self._error().response()(scope, receive, send)
+                if declared > limit:
+                    await _error(limit).response()(scope, receive, send)
                     return
         received = 0
         started = False
@@ -48,8 +54,8 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge(self.max_bytes)
+                if received > limit:
+                    raise _TooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -62,4 +68,4 @@ class BodySizeLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:  # the body is read before any response byte; this always holds
-                await self._error().response()(scope, receive, send)
+                await _error(limit).response()(scope, receive, send)

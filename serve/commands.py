@@ -22,6 +22,7 @@ _DIRECT = {
     "max_prompt_tokens": "max_prompt_tokens",
     "max_tokens_cap": "max_tokens_cap",
     "max_body_bytes": "max_body_bytes",
+    "max_upload_bytes": "max_upload_bytes",
     "request_timeout": "request_timeout_s",
     "device": "device",
     "dtype": "dtype",
@@ -78,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None)
     p.add_argument("--max-tokens-cap", type=int, default=None, help="default 4096")
     p.add_argument("--max-body-bytes", type=int, default=None, help="default 1000000")
+    p.add_argument(
+        "--max-upload-bytes", type=int, default=None, help="/v1/files uploads (default 512000000)"
+    )
     p.add_argument("--request-timeout", type=float, default=None, help="seconds (default 600)")
     p.add_argument(
         "--log-content",

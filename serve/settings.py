@@ -50,6 +50,10 @@ class ServeSettings(BaseSettings):
     """Requests allowed to wait for a batch slot; beyond running + queued the answer is 429."""
     retry_after_s: int = Field(default=1, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    """Largest request body, except a file upload to /v1/files (max_upload_bytes)."""
+    max_upload_bytes: int = Field(default=512_000_000, ge=1024)
+    """Largest file upload to /v1/files (OpenAI's limit is 512 MB): a training file of a few
+    thousand pairs is already over a megabyte."""
     max_prompt_tokens: int | None = Field(default=None, ge=1)
     """Longest prompt accepted; default: the model's context length."""
     max_tokens_cap: int = Field(default=4096, ge=1)
@@ -60,7 +64,7 @@ class ServeSettings(BaseSettings):
     # --- fine-tuning API
     finetune: bool = False
     """Serve OpenAI's fine-tuning API (/v1/files, /v1/fine_tuning/jobs) on the workspace
-    (TUNEDESK_HOME); jobs train in subprocesses. Uploads count against max_body_bytes."""
+    (TUNEDESK_HOME); jobs train in subprocesses. Uploads are limited by max_upload_bytes."""
     finetune_max_jobs: int = Field(default=1, ge=1)
     """Fine-tuning jobs trained (or merged) at once; later ones wait queued."""
 

@@ -12,11 +12,13 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -63,6 +65,7 @@ def jsonl(rows: list[dict]) -> bytes:
 
 
 TRAIN = jsonl(chat_rows(48))
+UPLOAD_LIMIT = 100_000
 
 
 class Server:
@@ -77,8 +80,14 @@ class Server:
         from tunedesk.serve.engines.factory import build_engine
         from tunedesk.serve.testing import ServerThread
 
+        # Other bodies are held to 8 KB, uploads to 100 KB: the 19 KB training file must go
+        # through on the upload limit alone.
         settings = ServeSettings(
-            finetune=True, cpu_threads=1, max_running=2, max_body_bytes=4_000_000
+            finetune=True,
+            cpu_threads=1,
+            max_running=2,
+            max_body_bytes=8_000,
+            max_upload_bytes=UPLOAD_LIMIT,
         )
         registry = ModelRegistry()
         registry.register(BASE, str(self.tiny))
@@ -162,6 +171,46 @@ def test_upload_refuses_an_unreadable_file_naming_its_lines(server):
         widget.files.create(file=("a.jsonl", TRAIN), purpose="fine-tune")
     with pytest.raises(openai.PermissionDeniedError):
         widget.fine_tuning.jobs.list()
+
+
+def test_uploads_have_their_own_size_limit_and_need_a_key_first(server):
+    assert 8_000 < len(TRAIN) < UPLOAD_LIMIT  # over the body limit, under the upload limit
+    big = TRAIN * (UPLOAD_LIMIT // len(TRAIN) + 1)
+    with pytest.raises(openai.APIStatusError) as err:
+        server.client.files.create(file=("big.jsonl", big), purpose="fine-tune")
+    assert err.value.status_code == 413 and str(UPLOAD_LIMIT) in err.value.body["message"]
+    # Other routes keep the small limit.
+    with pytest.raises(openai.APIStatusError) as err:
+        server.client.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "x" * 9_000}], max_tokens=1
+        )
+    assert err.value.status_code == 413
+    # Without a key the upload is refused before its body is read: the 401 comes back while
+    # the client has sent 100 of the 90,000 bytes it announced.
+    anonymous = OpenAI(base_url=server.thread.base_url, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.files.create(file=("a.jsonl", TRAIN), purpose="fine-tune")
+    with socket.create_connection((server.thread.host, server.thread.port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-wrong\r\n"
+            b"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 90000\r\n\r\n"
+            + b"--xyz\r\n"
+            + b"x" * 93
+        )
+        assert s.recv(4096).startswith(b"HTTP/1.1 401")
+    # Missing fields and a broken multipart body are 400s.
+    url = server.thread.base_url + "/files"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    no_file = httpx.post(url, headers=headers, data={"purpose": "fine-tune"})
+    assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    no_purpose = httpx.post(url, headers=headers, files={"file": ("a.jsonl", TRAIN)})
+    assert no_purpose.status_code == 400 and no_purpose.json()["error"]["param"] == "purpose"
+    broken = httpx.post(
+        url,
+        headers={**headers, "Content-Type": "multipart/form-data; boundary=xyz"},
+        content=b"--xyz\r\nnot a part",
+    )
+    assert broken.status_code == 400 and "error" in broken.json()
 
 
 def test_files_create_list_retrieve_content_delete(server):

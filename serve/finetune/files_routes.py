@@ -1,17 +1,22 @@
 """/v1/files: upload (multipart), list, retrieve, delete and download fine-tuning files.
 
 Handlers are plain functions: FastAPI runs them in its thread pool, so disk and SQLite work
-never blocks the event loop that streams completions."""
+never blocks the event loop that streams completions. The upload is the exception: it reads
+the multipart body itself, after the key is checked (a `File()` parameter would make FastAPI
+read the whole upload, up to max_upload_bytes, before auth), then hands the disk work to the
+thread pool."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
-from tunedesk.serve.errors import NotFound
+from tunedesk.serve.errors import BadRequest, NotFound
 from tunedesk.serve.finetune.deps import FineTuneKey, FineTuningDep
 from tunedesk.serve.finetune.protocol import file_object
 
@@ -21,13 +26,17 @@ _MEDIA = {".csv": "text/csv", ".tsv": "text/tab-separated-values", ".json": "app
 
 
 @router.post("/v1/files")
-def upload_file(
-    ft: FineTuningDep,
-    _key: FineTuneKey,
-    file: Annotated[UploadFile, File()],
-    purpose: Annotated[str, Form()],
-) -> dict:
-    return file_object(ft.upload(file.file, file.filename, purpose))
+async def upload_file(request: Request, ft: FineTuningDep, _key: FineTuneKey) -> dict:
+    # A broken multipart body is Starlette's HTTPException(400), a body over max_upload_bytes
+    # the size limit's 413: both reach the OpenAI-shaped error handlers as they are.
+    async with request.form() as form:
+        file, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(file, UploadFile):
+            raise BadRequest("Missing the file to upload (form field 'file').", param="file")
+        if not isinstance(purpose, str) or not purpose:
+            raise BadRequest("Missing 'purpose' (use 'fine-tune').", param="purpose")
+        row = await run_in_threadpool(ft.upload, file.file, file.filename, purpose)
+    return file_object(row)
 
 
 @router.get("/v1/files")

@@ -27,6 +27,7 @@ from test_serve_support import build_tiny, cache_root
 from tunedesk.serve.auth import KeyStore
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings
+from tunedesk.train.jobs import pid_alive
 
 KEY = "sk-finetune-test"
 WIDGET_KEY = "sk-finetune-widget"
@@ -111,7 +112,7 @@ class Server:
 
 def _kill_leftover_training(home: Path) -> None:
     """Training processes outlive the server by design: stop any a failed test left behind."""
-    from tunedesk.train.jobs import ACTIVE, pid_alive
+    from tunedesk.train.jobs import ACTIVE
 
     for status_path in (home / "runs").glob("ftjob-*/status.json"):
         status = json.loads(status_path.read_text())
@@ -358,8 +359,6 @@ def test_cancel_a_running_job(server):
     pid = server.status_json(job.id)["pid"]
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
-    from tunedesk.train.jobs import pid_alive
-
     # The trainer stops at the next step (with a checkpoint) and exits.
     deadline = time.monotonic() + 120
     while server.status_json(job.id)["status"] != "cancelled" or pid_alive(pid):
@@ -371,7 +370,7 @@ def test_cancel_a_running_job(server):
         client.fine_tuning.jobs.cancel(job.id)
 
 
-def test_a_server_restart_mid_job_leaves_the_job_resumed_or_failed(server):
+def test_a_server_restart_mid_job_resumes_it_from_its_last_checkpoint(server):
     client = server.client
     train = client.files.create(file=("fund_qa.jsonl", TRAIN), purpose="fine-tune")
     fields = {**FAST, "max_steps": 30, "save_every": 3, "log_every": 3}
@@ -397,18 +396,23 @@ def test_a_server_restart_mid_job_leaves_the_job_resumed_or_failed(server):
     assert server.status_json(job.id)["status"] == "running", "the job ended before the crash"
     server.stop()
     os.kill(pid, signal.SIGKILL)
+    # A process takes a moment to die after SIGKILL: start the new server after it has, as
+    # after a real crash (a trainer still alive at start-up is adopted, and a later death fails
+    # the job).
+    deadline = time.monotonic() + 30
+    while pid_alive(pid, server.status_json(job.id).get("pid_start")):
+        assert time.monotonic() < deadline, "the killed trainer did not exit"
+        time.sleep(0.02)
     server.start()  # a new server on the same workspace
 
     client = server.client
-    # The issue allows either right state after a crash: resumed from the last checkpoint, or
-    # failed with the reason. Which one happens depends on whether the dead trainer is noticed
-    # before the new server's recovery pass; both must leave the job settled, never "running".
+    # The old server's worker stopped (joined) before the trainer died, so the new server's
+    # first look at the job finds its process dead while nobody watched: it resumes the job
+    # from the last checkpoint rather than failing it.
     job = wait_for(client, job.id, {"succeeded", "failed"})
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=500).data]
-    if job.status == "failed":
-        assert job.error.code == "process_exited"
-        assert f"pid {pid}" in job.error.message
-        return
+    assert job.status == "succeeded", (job.error, messages[:5])
+    assert any(f"pid {pid}" in m for m in messages)  # the death is on record
     assert any("resuming from its newest checkpoint (step-" in m for m in messages)
     assert any(m.startswith("Resumed from checkpoint step-") for m in messages)
     assert client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number == 30

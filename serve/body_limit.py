@@ -1,8 +1,9 @@
 """Refuse request bodies over a size limit with 413, before they are buffered.
 
 One limit for every route, except paths given their own (file uploads are far larger than any
-chat request). Content-Length is checked up front; a chunked (or lying) body is counted as it streams in and
-cut off the moment it passes the limit, so a client can't make the server buffer gigabytes.
+chat request). Content-Length is checked up front; a chunked (or lying) body is counted as it
+streams in and cut off the moment it passes the limit, so a client can't make the server
+buffer gigabytes.
 """
 
 from __future__ import annotations

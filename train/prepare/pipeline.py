@@ -136,11 +136,11 @@ def prepare(
     rows_read = sum(f["rows"] for f in files)
     log(f"loaded {len(records)} records from {rows_read} rows in {len(files)} file(s)")
 
+    named = opts.group_field != "group"
     for r in records:
         normalize_record(r)
-        if opts.group_field != "group" and opts.group_field in r.meta:
+        if named and opts.group_field in r.meta:
             r.meta["group"] = r.meta[opts.group_field]
-    named = opts.group_field != "group"
     if named and records and not any(opts.group_field in r.meta for r in records):
         # A misspelt field would otherwise give a plain split without a word.
         seen = sorted({k for r in records for k in r.meta})

@@ -2006,8 +2006,9 @@ def generate_pairs(n: int = 3200, seed: int = 0) -> list[dict]:
 def write_sample(out_path: str | os.PathLike[str], n: int = 3200, seed: int = 0) -> int:
     """Write generate_pairs(...) as prompt/completion JSONL (ensure_ascii=False), atomically.
 
-    `topic`, `family` and `phrasing` are kept on every row (prepare passes them through to
-    `meta`; `--group-field family` or `phrasing` splits by them). Returns rows written.
+    `topic`, `family` and `phrasing` are on every row; prepare keeps `topic` in each output
+    row's `meta`, and `family` or `phrasing` too when `--group-field` names it (and splits by
+    it). Returns rows written.
     """
     return atomic_write_jsonl(out_path, generate_pairs(n, seed))
 

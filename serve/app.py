@@ -17,6 +17,7 @@ from tunedesk.serve.body_limit import BodySizeLimitMiddleware
 from tunedesk.serve.deps import AppState
 from tunedesk.serve.engines.base import Engine
 from tunedesk.serve.errors import install_error_handlers
+from tunedesk.serve.heap import freeze_startup_heap
 from tunedesk.serve.routes import router
 from tunedesk.serve.service import OpenAIService
 from tunedesk.serve.settings import ServeSettings
@@ -45,6 +46,7 @@ def create_app(settings: ServeSettings, engine: Engine, keys: KeyStore | None = 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        freeze_startup_heap()
         try:
             yield
         finally:

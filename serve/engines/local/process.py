@@ -42,6 +42,7 @@ from tunedesk.serve.engines.local.batcher import (
     StepBatcher,
     deliver_outputs,
 )
+from tunedesk.serve.heap import freeze_startup_heap
 
 log = logging.getLogger("tunedesk.serve")
 
@@ -97,6 +98,7 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
             ),
         )
         batcher.warm_up()
+        freeze_startup_heap()
     except BaseException as exc:  # reported to the parent, which answers 503
         send(("failed", f"{type(exc).__name__}: {exc}"))
         return

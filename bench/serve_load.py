@@ -347,6 +347,68 @@ HEADER = (
 )
 
 
+def meets_target(concurrency: int, tok_s_ratio: float, ttft_ratio: float) -> bool:
+    """The issue's targets: at c=1 within 10% of the peer; at c>=8 at least 2x its output
+    tokens/s and at most 0.5x its p50 TTFT."""
+    if concurrency == 1:
+        return tok_s_ratio >= 0.9 and ttft_ratio <= 1.1
+    return tok_s_ratio >= 2.0 and ttft_ratio <= 0.5
+
+
+def ratios(ours: list[dict], peer: list[dict]) -> list[dict]:
+    """Per concurrency level: tunedesk/peer ratios of one paired run, and whether they meet
+    the targets."""
+    by_c = {s["concurrency"]: s for s in peer}
+    out = []
+    for s in ours:
+        p = by_c.get(s["concurrency"])
+        if not p or not p["out_tok_s"] or not p["ttft_p50_ms"] or not p["latency_p50_ms"]:
+            continue
+        tput = s["out_tok_s"] / p["out_tok_s"]
+        ttft = s["ttft_p50_ms"] / p["ttft_p50_ms"]
+        out.append(
+            {
+                "concurrency": s["concurrency"],
+                "tok_s": tput,
+                "ttft_p50": ttft,
+                "latency_p50": s["latency_p50_ms"] / p["latency_p50_ms"],
+                "met": meets_target(s["concurrency"], tput, ttft),
+            }
+        )
+    return out
+
+
+def _median(values: list[float]) -> float:
+    return _pct(values, 50)
+
+
+def summarize_repeats(runs: list[list[dict]]) -> list[dict]:
+    """Several paired runs' ratios -> per level: the median of each ratio, its range, and in
+    how many runs the targets were met. Targets are judged on the medians."""
+    levels: dict[int, list[dict]] = {}
+    for run in runs:
+        for r in run:
+            levels.setdefault(r["concurrency"], []).append(r)
+    out = []
+    for c, rs in sorted(levels.items()):
+        tput = [r["tok_s"] for r in rs]
+        ttft = [r["ttft_p50"] for r in rs]
+        med_tput, med_ttft = _median(tput), _median(ttft)
+        out.append(
+            {
+                "concurrency": c,
+                "runs": len(rs),
+                "tok_s": med_tput,
+                "tok_s_range": (min(tput), max(tput)),
+                "ttft_p50": med_ttft,
+                "ttft_p50_range": (min(ttft), max(ttft)),
+                "met_in_runs": sum(r["met"] for r in rs),
+                "met": meets_target(c, med_tput, med_ttft),
+            }
+        )
+    return out
+
+
 def report(results: dict[str, list[dict]], labels: list[str]) -> None:
     print("\nms for TTFT/latency; out t/s = output tokens/s over the level's wall time\n")
     print(HEADER)
@@ -355,22 +417,28 @@ def report(results: dict[str, list[dict]], labels: list[str]) -> None:
             print(_fmt_row(label, s))
     if len(labels) < 2 or labels[1] not in results or labels[0] not in results:
         return
-    ours, peer = results[labels[0]], {s["concurrency"]: s for s in results[labels[1]]}
     print(f"\nratios {labels[0]}/{labels[1]} (target c>=8: tok/s >= 2.0, TTFT p50 <= 0.5)\n")
     print("|   c | out tok/s ratio | TTFT p50 ratio | lat p50 ratio | target met |")
     print("|----:|----------------:|---------------:|--------------:|:----------:|")
-    for s in ours:
-        p = peer.get(s["concurrency"])
-        if not p or not p["out_tok_s"] or not p["ttft_p50_ms"]:
-            continue
-        tput = s["out_tok_s"] / p["out_tok_s"]
-        ttft = s["ttft_p50_ms"] / p["ttft_p50_ms"]
-        lat = s["latency_p50_ms"] / p["latency_p50_ms"]
-        c1 = s["concurrency"] == 1
-        met = (tput >= 0.9 and ttft <= 1.1) if c1 else (tput >= 2.0 and ttft <= 0.5)
+    for r in ratios(results[labels[0]], results[labels[1]]):
         print(
-            f"| {s['concurrency']:>3} | {tput:>15.2f} | {ttft:>14.2f} | {lat:>13.2f} "
-            f"| {'yes' if met else 'no':^10} |"
+            f"| {r['concurrency']:>3} | {r['tok_s']:>15.2f} | {r['ttft_p50']:>14.2f} "
+            f"| {r['latency_p50']:>13.2f} | {'yes' if r['met'] else 'no':^10} |"
+        )
+
+
+def report_repeats(summary: list[dict], n: int) -> None:
+    print(f"\nover {n} paired runs: median ratio (range), targets judged on the medians\n")
+    print("|   c | out tok/s ratio     | TTFT p50 ratio      | met in runs | target met |")
+    print("|----:|:--------------------|:--------------------|------------:|:----------:|")
+    for s in summary:
+        lo, hi = s["tok_s_range"]
+        tlo, thi = s["ttft_p50_range"]
+        tput = f"{s['tok_s']:.2f} ({lo:.2f}-{hi:.2f})"
+        ttft = f"{s['ttft_p50']:.2f} ({tlo:.2f}-{thi:.2f})"
+        print(
+            f"| {s['concurrency']:>3} | {tput:<19} | {ttft:<19} "
+            f"| {s['met_in_runs']:>4} of {s['runs']:<3} | {'yes' if s['met'] else 'no':^10} |"
         )
 
 
@@ -419,15 +487,27 @@ async def main_async(args: argparse.Namespace) -> int:
     servers = build_servers(args, model, log_dir)
     print(f"model {model}; logs in {log_dir}; {args.requests} requests per level, "
           f"max_tokens {args.max_tokens}, concurrency {args.concurrency}")  # fmt: skip
-    results: dict[str, list[dict]] = {}
+    labels = [s.label for s in servers]
+    runs: list[dict[str, list[dict]]] = []
     failures: dict[str, str] = {}
-    for server in servers:  # one at a time: they must not share the cores
-        try:
-            results[server.label] = await bench_server(server, args)
-        except Exception as exc:  # noqa: BLE001 - reported, the other server still runs
-            failures[server.label] = f"{exc}\n--- log tail ---\n{_log_tail(server)}"
-            print(f"!! {server.label} could not be benchmarked: {exc}", flush=True)
-    report(results, [s.label for s in servers])
+    for i in range(args.repeat):
+        if args.repeat > 1:
+            print(f"\n######## paired run {i + 1} of {args.repeat}", flush=True)
+        results: dict[str, list[dict]] = {}
+        for server in servers:  # one at a time: they must not share the cores
+            try:
+                results[server.label] = await bench_server(server, args)
+            except Exception as exc:  # noqa: BLE001 - reported, the other server still runs
+                failures[server.label] = f"{exc}\n--- log tail ---\n{_log_tail(server)}"
+                print(f"!! {server.label} could not be benchmarked: {exc}", flush=True)
+        report(results, labels)
+        runs.append(results)
+        if failures:
+            break
+    paired = [ratios(r[labels[0]], r[labels[1]]) for r in runs if len(r) == 2 == len(labels)]
+    summary = summarize_repeats(paired) if len(paired) > 1 else None
+    if summary:
+        report_repeats(summary, len(paired))
     for label, why in failures.items():
         print(f"\n!! {label} FAILED: {why}")
     if args.json_out:
@@ -436,7 +516,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 {
                     "args": vars(args),
                     "model": model,
-                    "results": results,
+                    "results": runs[-1] if runs else {},
+                    "runs": runs,
+                    "summary": summary,
                     "failures": failures,
                     "servers": [
                         {"label": s.label, "argv": s.argv, "log": str(s.log)} for s in servers
@@ -480,6 +562,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=600.0,
         help="stop sending new requests at a level after this many seconds",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="paired runs (tunedesk, then the peer) one after the other; with more than one, "
+        "also the median ratios, their range and in how many runs each target was met",
     )
     p.add_argument("--json-out", default=None, help="also write the results as JSON")
     return p.parse_args(argv)

@@ -11,6 +11,11 @@ a `vllm serve` child) vs `vllm serve` directly on the same model and the same vL
     python bench/serve_load.py --engine vllm --model Qwen/Qwen2.5-0.5B-Instruct \\
         --vllm-arg=--max-model-len=4096 --concurrency 1 8 32 128 --requests 256
 
+Gateway cost anywhere (`--engine upstream`): `tunedesk serve --engine upstream` in front of an
+OpenAI-compatible server vs that server directly. Without `--upstream-url` the upstream is a
+`tunedesk serve` (transformers engine) on the model, started once for both measurements. The
+vLLM engine forwards through the same proxy code, so this measures its per-chunk cost too.
+
 Each server runs as a subprocess on 127.0.0.1 (its own process group, killed at the end, also
 on error), is polled until ready and warmed up, then driven with the official AsyncOpenAI
 client: streaming chat completions, temperature 0, `max_tokens` (default 64), `ignore_eos`
@@ -19,8 +24,9 @@ may stop early on eos; the table shows mean output tokens per request). Output t
 or from counting content chunks when a server sends no usage. Per concurrency level: req/s,
 output tok/s, TTFT p50/p95, latency p50; then tunedesk/peer ratios.
 
-Targets (c=8 and c=32): tunedesk >= 2x peer output tok/s and <= 0.5x peer p50 TTFT;
-c=1: within 10% of the peer.
+Targets against `transformers serve` (c=8 and c=32): tunedesk >= 2x peer output tok/s and
+<= 0.5x peer p50 TTFT; c=1: within 10% of the peer. Through a gateway (vllm, upstream): at
+most 3% fewer output tok/s and at most 5 ms more p50 TTFT than the server it fronts.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -55,11 +62,12 @@ class Server:
     port: int
     log: Path
     extra_body: dict | None = None  # per-server request extras (ignore_eos where supported)
+    host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
 
 @dataclass
@@ -75,6 +83,9 @@ class Level:
     first_error: str = ""
     driver_cpu: float = 0.0
     """CPU time the driver process used per second of the level (1.0 = one core busy)."""
+    server_cpu: float | None = None
+    """The same for the server's processes (tunedesk: HTTP process and engine process; a
+    gateway: the gateway alone); None for a server the driver did not start."""
 
     def summary(self) -> dict:
         return {
@@ -89,6 +100,7 @@ class Level:
             "ttft_p95_ms": _pct(self.ttft_s, 95) * 1000,
             "latency_p50_ms": _pct(self.latency_s, 50) * 1000,
             "driver_cpu": round(self.driver_cpu, 2),
+            "server_cpu": None if self.server_cpu is None else round(self.server_cpu, 2),
             "first_error": self.first_error,
         }
 
@@ -122,6 +134,71 @@ def _base_env(threads: int | None) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(threads)
         env["MKL_NUM_THREADS"] = str(threads)
     return env
+
+
+def build_upstream(args: argparse.Namespace, model: str, log_dir: Path) -> Server:
+    """The server a gateway run fronts: `--upstream-url` as given (nothing started), or a
+    tunedesk transformers-engine server on the model."""
+    fixed = {"ignore_eos": True}
+    if args.upstream_url:
+        url = urlsplit(args.upstream_url)
+        if url.scheme != "http" or not url.hostname or not url.port:
+            raise SystemExit("--upstream-url: give it as http://HOST:PORT[/v1]")
+        return Server(
+            label="direct",
+            argv=[],  # not ours to start or stop
+            env={},
+            model_name=args.served_model_name,
+            ready_path="/v1/models",
+            port=url.port,
+            log=log_dir / "direct.log",
+            extra_body=fixed,
+            host=url.hostname,
+        )
+    port = _free_port()
+    argv = [
+        sys.executable, "-m", "tunedesk", "serve",
+        "--model", model, "--engine", "transformers",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", args.served_model_name,
+        "--max-queued", str(max(64, args.requests)),
+        "--device", args.device or "cpu",
+    ]  # fmt: skip
+    if args.cpu_threads:
+        argv += ["--cpu-threads", str(args.cpu_threads)]
+    env = _base_env(args.cpu_threads)
+    return Server(
+        label="direct",
+        argv=argv,
+        env=env,
+        model_name=args.served_model_name,
+        ready_path="/ready",
+        port=port,
+        log=log_dir / "direct.log",
+        extra_body=fixed,
+    )
+
+
+def build_gateway(args: argparse.Namespace, upstream: Server, log_dir: Path) -> Server:
+    port = _free_port()
+    argv = [
+        sys.executable, "-m", "tunedesk", "serve",
+        "--engine", "upstream", "--upstream-url", upstream.base_url,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-queued", str(max(64, args.requests)),
+    ]  # fmt: skip
+    if args.max_running:
+        argv += ["--max-running", str(args.max_running)]
+    return Server(
+        label="tunedesk-gateway",
+        argv=argv,
+        env=_base_env(None),
+        model_name=args.served_model_name,
+        ready_path="/ready",
+        port=port,
+        log=log_dir / "gateway.log",
+        extra_body={"ignore_eos": True},
+    )
 
 
 def build_servers(args: argparse.Namespace, model: str, log_dir: Path) -> list[Server]:
@@ -182,6 +259,8 @@ def build_servers(args: argparse.Namespace, model: str, log_dir: Path) -> list[S
 
 
 def start(server: Server) -> None:
+    if not server.argv:  # a server someone else runs (--upstream-url)
+        return
     fh = open(server.log, "wb")  # noqa: SIM115 - closed with the process
     server.proc = subprocess.Popen(
         server.argv,
@@ -196,6 +275,8 @@ def start(server: Server) -> None:
 
 
 def stop(server: Server) -> None:
+    if not server.argv:  # not ours (or measured through another Server that owns it)
+        return
     proc = server.proc
     if proc is None or proc.poll() is not None:
         return
@@ -228,7 +309,7 @@ async def wait_ready(server: Server, timeout: float) -> None:
             if server.proc is not None and server.proc.poll() is not None:
                 raise RuntimeError(f"{server.label} exited with {server.proc.returncode}")
             with contextlib.suppress(httpx.HTTPError):
-                r = await http.get(f"http://127.0.0.1:{server.port}{server.ready_path}")
+                r = await http.get(server.base_url.removesuffix("/v1") + server.ready_path)
                 if r.status_code == 200:
                     break
             if time.monotonic() > deadline:
@@ -291,6 +372,24 @@ async def _one(client, server: Server, max_tokens: int, i: int, level: Level) ->
     level.latency_s.append(time.perf_counter() - start)
 
 
+def _tree_cpu_s(server: Server) -> float | None:
+    """CPU seconds (user + system) used so far by the server process and its descendants."""
+    import psutil
+
+    if server.proc is None or server.proc.poll() is not None:
+        return None
+    total = 0.0
+    try:
+        root = psutil.Process(server.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # a child that just exited
+                t = p.cpu_times()
+                total += t.user + t.system
+    except psutil.Error:
+        return None
+    return total
+
+
 async def drive(server: Server, concurrency: int, args: argparse.Namespace) -> Level:
     from openai import AsyncOpenAI
 
@@ -318,11 +417,15 @@ async def drive(server: Server, concurrency: int, args: argparse.Namespace) -> L
     gc.freeze()
     start = time.perf_counter()
     cpu = time.process_time()
+    server_cpu = _tree_cpu_s(server)
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     level.elapsed_s = time.perf_counter() - start
     # The driver shares the machine with the server: how busy it was says how much of the
     # measured latency is the client's own (both servers are driven by the same code).
     level.driver_cpu = (time.process_time() - cpu) / level.elapsed_s
+    after = _tree_cpu_s(server)
+    if server_cpu is not None and after is not None:
+        level.server_cpu = (after - server_cpu) / level.elapsed_s
     await client.close()
     return level
 
@@ -335,27 +438,41 @@ def _fmt_row(label: str, s: dict) -> str:
         f"| {label:<22} | {s['concurrency']:>3} | {s['requests_ok']:>4} | {s['errors']:>3} "
         f"| {s['req_s']:>7.2f} | {s['out_tok_s']:>8.1f} | {s['tokens_per_req']:>6.1f} "
         f"| {s['ttft_p50_ms']:>8.0f} | {s['ttft_p95_ms']:>8.0f} | {s['latency_p50_ms']:>8.0f} "
-        f"| {s.get('driver_cpu', 0.0):>6.2f} |"
+        f"| {s.get('driver_cpu', 0.0):>6.2f} | {_cpu(s.get('server_cpu'))} |"
     )
+
+
+def _cpu(value: float | None) -> str:
+    return f"{value:>6.2f}" if value is not None else f"{'-':>6}"
 
 
 HEADER = (
     "| server                 |   c |   ok | err |   req/s |  out t/s | tok/rq "
-    "| TTFT p50 | TTFT p95 |  lat p50 | driver |\n"
+    "| TTFT p50 | TTFT p95 |  lat p50 | driver | server |\n"
     "|------------------------|----:|-----:|----:|--------:|---------:|-------:"
-    "|---------:|---------:|---------:|-------:|"
+    "|---------:|---------:|---------:|-------:|-------:|"
 )
 
 
-def meets_target(concurrency: int, tok_s_ratio: float, ttft_ratio: float) -> bool:
-    """The issue's targets: at c=1 within 10% of the peer; at c>=8 at least 2x its output
-    tokens/s and at most 0.5x its p50 TTFT."""
+PEER, GATEWAY = "peer", "gateway"
+"""What a run compares: tunedesk against another server (`transformers serve`), or tunedesk's
+gateway against the server it fronts (vLLM, or any upstream)."""
+
+
+def meets_target(
+    kind: str, concurrency: int, tok_s_ratio: float, ttft_ratio: float, ttft_added_ms: float
+) -> bool:
+    """The issue's targets. Against a peer: at c=1 within 10% of it; at c>=8 at least 2x its
+    output tokens/s and at most 0.5x its p50 TTFT. Through a gateway: at most 3% fewer output
+    tokens/s and at most 5 ms more p50 TTFT than the server it fronts, at every level."""
+    if kind == GATEWAY:
+        return tok_s_ratio >= 0.97 and ttft_added_ms <= 5.0
     if concurrency == 1:
         return tok_s_ratio >= 0.9 and ttft_ratio <= 1.1
     return tok_s_ratio >= 2.0 and ttft_ratio <= 0.5
 
 
-def ratios(ours: list[dict], peer: list[dict]) -> list[dict]:
+def ratios(ours: list[dict], peer: list[dict], kind: str = PEER) -> list[dict]:
     """Per concurrency level: tunedesk/peer ratios of one paired run, and whether they meet
     the targets."""
     by_c = {s["concurrency"]: s for s in peer}
@@ -366,13 +483,15 @@ def ratios(ours: list[dict], peer: list[dict]) -> list[dict]:
             continue
         tput = s["out_tok_s"] / p["out_tok_s"]
         ttft = s["ttft_p50_ms"] / p["ttft_p50_ms"]
+        added = s["ttft_p50_ms"] - p["ttft_p50_ms"]
         out.append(
             {
                 "concurrency": s["concurrency"],
                 "tok_s": tput,
                 "ttft_p50": ttft,
+                "ttft_added_ms": added,
                 "latency_p50": s["latency_p50_ms"] / p["latency_p50_ms"],
-                "met": meets_target(s["concurrency"], tput, ttft),
+                "met": meets_target(kind, s["concurrency"], tput, ttft, added),
             }
         )
     return out
@@ -382,7 +501,7 @@ def _median(values: list[float]) -> float:
     return _pct(values, 50)
 
 
-def summarize_repeats(runs: list[list[dict]]) -> list[dict]:
+def summarize_repeats(runs: list[list[dict]], kind: str = PEER) -> list[dict]:
     """Several paired runs' ratios -> per level: the median of each ratio, its range, and in
     how many runs the targets were met. Targets are judged on the medians."""
     levels: dict[int, list[dict]] = {}
@@ -393,7 +512,8 @@ def summarize_repeats(runs: list[list[dict]]) -> list[dict]:
     for c, rs in sorted(levels.items()):
         tput = [r["tok_s"] for r in rs]
         ttft = [r["ttft_p50"] for r in rs]
-        med_tput, med_ttft = _median(tput), _median(ttft)
+        added = [r["ttft_added_ms"] for r in rs]
+        med_tput, med_ttft, med_added = _median(tput), _median(ttft), _median(added)
         out.append(
             {
                 "concurrency": c,
@@ -402,14 +522,22 @@ def summarize_repeats(runs: list[list[dict]]) -> list[dict]:
                 "tok_s_range": (min(tput), max(tput)),
                 "ttft_p50": med_ttft,
                 "ttft_p50_range": (min(ttft), max(ttft)),
+                "ttft_added_ms": med_added,
+                "ttft_added_ms_range": (min(added), max(added)),
                 "met_in_runs": sum(r["met"] for r in rs),
-                "met": meets_target(c, med_tput, med_ttft),
+                "met": meets_target(kind, c, med_tput, med_ttft, med_added),
             }
         )
     return out
 
 
-def report(results: dict[str, list[dict]], labels: list[str]) -> None:
+_TARGET_TEXT = {
+    PEER: "target c>=8: tok/s >= 2.0, TTFT p50 <= 0.5; c=1: within 10%",
+    GATEWAY: "target: tok/s >= 0.97, TTFT p50 at most 5 ms more",
+}
+
+
+def report(results: dict[str, list[dict]], labels: list[str], kind: str = PEER) -> None:
     print("\nms for TTFT/latency; out t/s = output tokens/s over the level's wall time\n")
     print(HEADER)
     for label in labels:
@@ -417,27 +545,37 @@ def report(results: dict[str, list[dict]], labels: list[str]) -> None:
             print(_fmt_row(label, s))
     if len(labels) < 2 or labels[1] not in results or labels[0] not in results:
         return
-    print(f"\nratios {labels[0]}/{labels[1]} (target c>=8: tok/s >= 2.0, TTFT p50 <= 0.5)\n")
-    print("|   c | out tok/s ratio | TTFT p50 ratio | lat p50 ratio | target met |")
-    print("|----:|----------------:|---------------:|--------------:|:----------:|")
-    for r in ratios(results[labels[0]], results[labels[1]]):
+    print(f"\nratios {labels[0]}/{labels[1]} ({_TARGET_TEXT[kind]})\n")
+    print("|   c | out tok/s ratio | TTFT p50 ratio | TTFT added ms | lat p50 ratio | target met |")
+    print("|----:|----------------:|---------------:|--------------:|--------------:|:----------:|")
+    for r in ratios(results[labels[0]], results[labels[1]], kind):
         print(
             f"| {r['concurrency']:>3} | {r['tok_s']:>15.2f} | {r['ttft_p50']:>14.2f} "
-            f"| {r['latency_p50']:>13.2f} | {'yes' if r['met'] else 'no':^10} |"
+            f"| {r['ttft_added_ms']:>+13.1f} | {r['latency_p50']:>13.2f} "
+            f"| {'yes' if r['met'] else 'no':^10} |"
         )
 
 
-def report_repeats(summary: list[dict], n: int) -> None:
-    print(f"\nover {n} paired runs: median ratio (range), targets judged on the medians\n")
-    print("|   c | out tok/s ratio     | TTFT p50 ratio      | met in runs | target met |")
-    print("|----:|:--------------------|:--------------------|------------:|:----------:|")
+def report_repeats(summary: list[dict], n: int, kind: str = PEER) -> None:
+    print(f"\nover {n} paired runs: median (range), targets judged on the medians")
+    print(f"({_TARGET_TEXT[kind]})\n")
+    print(
+        "|   c | out tok/s ratio     | TTFT p50 ratio      | TTFT added ms         "
+        "| met in runs | target met |"
+    )
+    print(
+        "|----:|:--------------------|:--------------------|:----------------------"
+        "|------------:|:----------:|"
+    )
     for s in summary:
         lo, hi = s["tok_s_range"]
         tlo, thi = s["ttft_p50_range"]
+        alo, ahi = s["ttft_added_ms_range"]
         tput = f"{s['tok_s']:.2f} ({lo:.2f}-{hi:.2f})"
         ttft = f"{s['ttft_p50']:.2f} ({tlo:.2f}-{thi:.2f})"
+        added = f"{s['ttft_added_ms']:+.1f} ({alo:+.1f} to {ahi:+.1f})"
         print(
-            f"| {s['concurrency']:>3} | {tput:<19} | {ttft:<19} "
+            f"| {s['concurrency']:>3} | {tput:<19} | {ttft:<19} | {added:<21} "
             f"| {s['met_in_runs']:>4} of {s['runs']:<3} | {'yes' if s['met'] else 'no':^10} |"
         )
 
@@ -462,7 +600,8 @@ def ensure_model(args: argparse.Namespace) -> str:
 
 
 async def bench_server(server: Server, args: argparse.Namespace) -> list[dict]:
-    print(f"\n== {server.label}: {' '.join(server.argv)}", flush=True)
+    what = " ".join(server.argv) or f"already running at {server.base_url}"
+    print(f"\n== {server.label}: {what}", flush=True)
     t0 = time.monotonic()
     start(server)
     try:
@@ -484,9 +623,35 @@ async def bench_server(server: Server, args: argparse.Namespace) -> list[dict]:
 async def main_async(args: argparse.Namespace) -> int:
     model = ensure_model(args)
     log_dir = Path(tempfile.mkdtemp(prefix="serve-load-logs-"))
-    servers = build_servers(args, model, log_dir)
+    kind = GATEWAY if args.engine in ("vllm", "upstream") else PEER
+    upstream: Server | None = None
+    if args.engine == "upstream":
+        upstream = build_upstream(args, model, log_dir)
+        # Measured directly and through the gateway; started once (if it is ours) for both.
+        servers = [build_gateway(args, upstream, log_dir), replace(upstream, argv=[])]
+    else:
+        servers = build_servers(args, model, log_dir)
     print(f"model {model}; logs in {log_dir}; {args.requests} requests per level, "
           f"max_tokens {args.max_tokens}, concurrency {args.concurrency}")  # fmt: skip
+    try:
+        return await _run_all(args, model, servers, kind, upstream)
+    finally:
+        if upstream is not None:
+            stop(upstream)
+
+
+async def _run_all(
+    args: argparse.Namespace,
+    model: str,
+    servers: list[Server],
+    kind: str,
+    upstream: Server | None,
+) -> int:
+    if upstream is not None and upstream.argv:
+        print(f"\n== upstream: {' '.join(upstream.argv)}", flush=True)
+        start(upstream)
+        await wait_ready(upstream, args.startup_timeout)
+        servers[1].proc = upstream.proc  # its CPU is measured; it is stopped at the very end
     labels = [s.label for s in servers]
     runs: list[dict[str, list[dict]]] = []
     failures: dict[str, str] = {}
@@ -500,14 +665,14 @@ async def main_async(args: argparse.Namespace) -> int:
             except Exception as exc:  # noqa: BLE001 - reported, the other server still runs
                 failures[server.label] = f"{exc}\n--- log tail ---\n{_log_tail(server)}"
                 print(f"!! {server.label} could not be benchmarked: {exc}", flush=True)
-        report(results, labels)
+        report(results, labels, kind)
         runs.append(results)
         if failures:
             break
-    paired = [ratios(r[labels[0]], r[labels[1]]) for r in runs if len(r) == 2 == len(labels)]
-    summary = summarize_repeats(paired) if len(paired) > 1 else None
+    paired = [ratios(r[labels[0]], r[labels[1]], kind) for r in runs if len(r) == 2 == len(labels)]
+    summary = summarize_repeats(paired, kind) if len(paired) > 1 else None
     if summary:
-        report_repeats(summary, len(paired))
+        report_repeats(summary, len(paired), kind)
     for label, why in failures.items():
         print(f"\n!! {label} FAILED: {why}")
     if args.json_out:
@@ -516,6 +681,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 {
                     "args": vars(args),
                     "model": model,
+                    "compared": kind,
                     "results": runs[-1] if runs else {},
                     "runs": runs,
                     "summary": summary,
@@ -529,13 +695,26 @@ async def main_async(args: argparse.Namespace) -> int:
                 default=str,
             )
         )
-    return 1 if "tunedesk" in failures else 0
+    return 1 if labels[0] in failures else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: build a tiny base)")
-    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument(
+        "--engine",
+        choices=["transformers", "vllm", "upstream"],
+        default="transformers",
+        help="transformers: vs `transformers serve`; vllm, upstream: tunedesk's gateway vs the "
+        "server it fronts",
+    )
+    p.add_argument(
+        "--upstream-url",
+        default=None,
+        help="with --engine upstream: an OpenAI-compatible server already running (default: "
+        "start a tunedesk transformers-engine server on --model); --served-model-name is the "
+        "model name it serves",
+    )
     p.add_argument("--served-model-name", default="bench")
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,19 +37,25 @@ def _level(c: int, tok_s: float, ttft_ms: float, lat_ms: float = 100.0) -> dict:
 
 def test_targets_and_medians_over_repeated_runs() -> None:
     bench = _load()
-    assert bench.meets_target(1, 0.95, 1.05)
-    assert not bench.meets_target(1, 0.85, 1.0)  # more than 10% slower than the peer
-    assert bench.meets_target(8, 2.0, 0.5)
-    assert not bench.meets_target(8, 2.5, 0.51)
-    assert not bench.meets_target(32, 1.99, 0.3)
+    peer, gateway = bench.PEER, bench.GATEWAY
+    assert bench.meets_target(peer, 1, 0.95, 1.05, 0.5)
+    assert not bench.meets_target(peer, 1, 0.85, 1.0, 0.0)  # more than 10% slower than the peer
+    assert bench.meets_target(peer, 8, 2.0, 0.5, -15.0)
+    assert not bench.meets_target(peer, 8, 2.5, 0.51, -15.0)
+    assert not bench.meets_target(peer, 32, 1.99, 0.3, -50.0)
+    # Through a gateway: at most 3% fewer tokens/s and 5 ms more TTFT, at every level.
+    assert bench.meets_target(gateway, 32, 0.97, 1.04, 4.0)
+    assert not bench.meets_target(gateway, 32, 0.96, 1.0, 0.0)
+    assert not bench.meets_target(gateway, 1, 1.0, 1.2, 5.5)
 
-    peer = [_level(1, 300, 10), _level(32, 2000, 100)]
+    direct = [_level(1, 300, 10), _level(32, 2000, 100)]
     runs = [
-        bench.ratios([_level(1, 600, 7), _level(32, 4400, 45)], peer),  # c=32 met
-        bench.ratios([_level(1, 600, 7), _level(32, 4400, 62)], peer),  # TTFT 0.62: not met
-        bench.ratios([_level(1, 600, 7), _level(32, 4000, 48)], peer),  # met
+        bench.ratios([_level(1, 600, 7), _level(32, 4400, 45)], direct),  # c=32 met
+        bench.ratios([_level(1, 600, 7), _level(32, 4400, 62)], direct),  # TTFT 0.62: not met
+        bench.ratios([_level(1, 600, 7), _level(32, 4000, 48)], direct),  # met
     ]
     assert [r["met"] for r in runs[1]] == [True, False]
+    assert runs[0][1]["ttft_added_ms"] == pytest.approx(-55.0)
     summary = {s["concurrency"]: s for s in bench.summarize_repeats(runs)}
     c32 = summary[32]
     assert c32["runs"] == 3 and c32["met_in_runs"] == 2
@@ -57,6 +64,13 @@ def test_targets_and_medians_over_repeated_runs() -> None:
     assert c32["tok_s"] == pytest.approx(2.2)
     assert c32["met"]  # judged on the medians
     assert summary[1]["met"] and summary[1]["met_in_runs"] == 3
+
+    # Judged as a gateway: 2% fewer tokens/s and 3 ms more TTFT than the server it fronts
+    # pass; 5% fewer tokens/s do not.
+    gw = bench.ratios([_level(32, 1960, 103)], [_level(32, 2000, 100)], gateway)
+    assert gw[0]["met"] and gw[0]["ttft_added_ms"] == pytest.approx(3.0)
+    slow = bench.ratios([_level(32, 1900, 103)], [_level(32, 2000, 100)], gateway)
+    assert not slow[0]["met"]
 
 
 @pytest.mark.slow
@@ -81,3 +95,37 @@ def test_driver_runs_against_a_real_server(tiny_base: Path, tmp_path: Path) -> N
         assert s["tokens_per_req"] == 8
         assert 0 < s["ttft_p50_ms"] <= s["latency_p50_ms"]
     assert "| tunedesk" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gateway_mode_measures_both_paths_and_stops_the_upstream(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "gateway.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--engine", "upstream", "--model", str(tiny_base)]
+        + ["--requests", "4", "--concurrency", "2", "--max-tokens", "8", "--repeat", "2"]
+        + ["--cpu-threads", "1", "--json-out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["compared"] == "gateway"
+    assert len(data["runs"]) == 2
+    for run in data["runs"]:
+        for label in ("tunedesk-gateway", "direct"):
+            (level,) = run[label]
+            assert level["requests_ok"] == 4 and level["errors"] == 0, (label, level)
+            assert level["tokens_per_req"] == 8
+            assert level["server_cpu"] is not None and level["server_cpu"] > 0
+    assert [s["concurrency"] for s in data["summary"]] == [2]
+    assert "TTFT added ms" in proc.stdout
+    # The upstream the bench started is gone with it.
+    gateway_argv = data["servers"][0]["argv"]
+    upstream = gateway_argv[gateway_argv.index("--upstream-url") + 1]
+    port = int(upstream.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass

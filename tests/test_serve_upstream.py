@@ -4,6 +4,7 @@ gateway forwards the client's bytes and streams the upstream's bytes back."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -103,3 +104,39 @@ def test_gateway_with_unreachable_upstream_is_503_and_not_ready():
         assert httpx.get(f"{gw.url}/health").status_code == 200
         r = httpx.post(f"{gw.base_url}/chat/completions", json={"model": "tiny", "messages": MSG})
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+
+def test_a_client_leaving_mid_stream_stops_the_upstream_generating(servers):
+    backend, gateway = servers
+    metrics_url = f"{backend.url}/metrics"
+    before = metric(httpx.get(metrics_url).text, "tunedesk_aborted_requests_total", model="tiny")
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 480, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": "Bearer sk-gateway"}
+    url = f"{gateway.base_url}/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if '"content":"' in line and '"role"' not in line:
+                break  # one real token relayed: hang up
+    # The gateway closes its upstream connection, so the backend aborts instead of generating
+    # the remaining ~480 tokens for nobody.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = httpx.get(metrics_url).text
+        if metric(text, "tunedesk_aborted_requests_total", model="tiny") == before + 1:
+            break
+        time.sleep(0.05)
+    assert metric(text, "tunedesk_aborted_requests_total", model="tiny") == before + 1
+    # And the gateway's pooled connections still work for the next request.
+    via = OpenAI(base_url=gateway.base_url, api_key="sk-gateway", max_retries=0)
+    for _ in range(3):
+        assert via.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).usage
+
+
+def test_upstream_url_may_carry_a_path_prefix():
+    from tunedesk.serve.engines.proxy import normalise_base_url
+
+    assert normalise_base_url("http://h:8000/v1/") == "http://h:8000"
+    assert normalise_base_url("http://h:8000") == "http://h:8000"
+    # Behind a reverse proxy's prefix: requests go to http://h/llm/v1/..., the prefix kept.
+    assert normalise_base_url("http://h/llm/v1") == "http://h/llm"

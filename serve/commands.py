@@ -13,6 +13,7 @@ _DIRECT = {
     "model": "model",
     "engine": "engine",
     "upstream_url": "upstream_url",
+    "upstream_usage": "upstream_usage",
     "host": "host",
     "port": "port",
     "api_key_file": "api_key_file",
@@ -58,6 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--engine", choices=["transformers", "vllm", "upstream"], default=None)
     p.add_argument("--upstream-url", default=None, help="OpenAI-compatible server to forward to")
+    p.add_argument(
+        "--upstream-usage",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ask the upstream (or vLLM) for token usage on every stream, for the access log "
+        "and token counters; clients still get usage only if they ask (default on; "
+        "--no-upstream-usage for an upstream that rejects stream_options)",
+    )
     p.add_argument("--host", default=None, help="default 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default 8000")
     p.add_argument(

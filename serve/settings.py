@@ -33,6 +33,10 @@ class ServeSettings(BaseSettings):
     upstream_url: str | None = None
     """Base URL of the OpenAI-compatible server `--engine upstream` forwards to."""
     upstream_api_key: SecretStr | None = None
+    upstream_usage: bool = True
+    """Ask the upstream for token usage on every stream it relays (`stream_options`), so the
+    access log and token counters count streamed tokens; the client still gets usage only if
+    it asked. Turn off for an upstream that rejects `stream_options`."""
 
     # --- where
     host: str = "127.0.0.1"

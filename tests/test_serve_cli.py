@@ -66,6 +66,12 @@ def test_flags_override_environment_which_overrides_defaults(monkeypatch, tmp_pa
     assert [k.get_secret_value() for k in s.api_keys] == ["k3"] and s.port == 9001
     with pytest.raises(CommandError, match="max_running"):
         settings_from_args(_args("--max-running", "0"))
+    assert s.upstream_usage is True
+    monkeypatch.setenv("TUNEDESK_UPSTREAM_USAGE", "false")
+    assert settings_from_args(_args()).upstream_usage is False
+    assert settings_from_args(_args("--upstream-usage")).upstream_usage is True
+    monkeypatch.delenv("TUNEDESK_UPSTREAM_USAGE")
+    assert settings_from_args(_args("--no-upstream-usage")).upstream_usage is False
 
 
 def test_model_resolves_folder_job_id_or_says_how_to_merge(monkeypatch, tmp_path):

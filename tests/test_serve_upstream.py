@@ -140,3 +140,30 @@ def test_upstream_url_may_carry_a_path_prefix():
     assert normalise_base_url("http://h:8000") == "http://h:8000"
     # Behind a reverse proxy's prefix: requests go to http://h/llm/v1/..., the prefix kept.
     assert normalise_base_url("http://h/llm/v1") == "http://h/llm"
+
+
+def test_streamed_tokens_are_counted_whether_or_not_the_client_asked_for_usage(servers):
+    backend, gateway = servers
+    via = OpenAI(base_url=gateway.base_url, api_key="sk-gateway", max_retries=0)
+    kw = dict(model="tiny", messages=MSG, max_tokens=6, temperature=0)
+    expected = OpenAI(
+        base_url=backend.base_url, api_key="sk-backend", max_retries=0
+    ).chat.completions.create(**kw)
+
+    def completion_tokens() -> float:
+        text = httpx.get(f"{gateway.url}/metrics").text
+        return metric(text, "tunedesk_completion_tokens_total", model="tiny")
+
+    before = completion_tokens()
+    plain = list(via.chat.completions.create(**kw, stream=True))
+    # The gateway asked upstream for usage on the client's behalf and kept that event back.
+    assert all(c.choices and c.usage is None for c in plain)
+    text = "".join(c.choices[0].delta.content or "" for c in plain)
+    assert text == expected.choices[0].message.content
+    assert completion_tokens() == before + expected.usage.completion_tokens
+
+    with_usage = list(
+        via.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert with_usage[-1].usage == expected.usage and not with_usage[-1].choices
+    assert completion_tokens() == before + 2 * expected.usage.completion_tokens

@@ -32,6 +32,7 @@ def build_engine(
             settings.upstream_url,
             api_key=key,
             timeout_s=settings.request_timeout_s,
+            ask_usage=settings.upstream_usage,
             metrics=metrics,
         )
     raise CommandError(f"unknown engine {settings.engine!r}")

@@ -24,6 +24,7 @@ import aiohttp
 from starlette.responses import Response
 
 from tunedesk.serve.engines.base import ApiCall, Engine
+from tunedesk.serve.engines.usage_tap import UsageTap
 from tunedesk.serve.errors import BadGateway, GatewayTimeout, OpenAIError, Unavailable
 from tunedesk.serve.metrics import Metrics
 from tunedesk.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -62,9 +63,13 @@ class ProxyEngine(Engine):
         api_key: str | None = None,
         timeout_s: float = 600.0,
         max_connections: int = 256,
+        ask_usage: bool = True,
         metrics: Metrics | None = None,
     ) -> None:
+        """`ask_usage`: ask the upstream for usage on every stream (stream_options), so streamed
+        tokens reach the access log and counters; see usage_tap.py."""
         super().__init__(registry, metrics)
+        self.ask_usage = ask_usage
         self.base_url = normalise_base_url(base_url)
         self._api_key = api_key
         self._timeout_s = timeout_s
@@ -135,10 +140,11 @@ class ProxyEngine(Engine):
         timeout = aiohttp.ClientTimeout(
             total=max(1.0, call.deadline - time.monotonic()), sock_connect=10.0
         )
+        body, strip_usage = self._upstream_body(call) if method == "POST" else (None, False)
         request = self._client().request(
             method,
             self.base_url + path,  # a base URL may carry a path prefix: append, don't resolve
-            data=call.raw if method == "POST" else None,
+            data=body,
             headers=self._headers(call),
             timeout=timeout,
         )
@@ -167,7 +173,9 @@ class ProxyEngine(Engine):
             self._note_usage(call, body, upstream.status)
             return Response(body, status_code=upstream.status, headers=headers)
         response = ManagedStreamingResponse(
-            self._relay(upstream, call), status_code=upstream.status, headers=headers
+            self._relay(upstream, call, UsageTap(strip_usage)),
+            status_code=upstream.status,
+            headers=headers,
         )
         # After a full stream the connection is already back in the pool and this does
         # nothing; a stream cut short (the client left) closes it, so the upstream sees the
@@ -175,18 +183,35 @@ class ProxyEngine(Engine):
         response.on_close(upstream.close)
         return response
 
+    def _upstream_body(self, call: ApiCall[Any]) -> tuple[bytes, bool]:
+        """The client's bytes, or, for a stream that did not ask for usage, the same request
+        asking for it (True: the usage event is the gateway's and is not relayed)."""
+        streaming = getattr(call.body, "stream", False)
+        options = getattr(call.body, "stream_options", None)
+        if not (self.ask_usage and streaming) or (options and options.include_usage):
+            return call.raw, False
+        data = json.loads(call.raw)
+        data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+        return json.dumps(data, ensure_ascii=False).encode("utf-8"), True
+
     async def _relay(
-        self, upstream: aiohttp.ClientResponse, call: ApiCall[Any]
+        self, upstream: aiohttp.ClientResponse, call: ApiCall[Any], tap: UsageTap
     ) -> AsyncIterator[bytes]:
         first = True
         try:
             async for chunk in upstream.content.iter_any():
+                data = tap.feed(chunk)
+                if not data:
+                    continue
                 if first:
                     first = False
                     ttft = call.ctx.mark_first_token()
                     if ttft is not None and call.ctx.model:
                         self.metrics.ttft.labels(call.ctx.model).observe(ttft)
-                yield chunk
+                yield data
+            rest = tap.flush()
+            if rest:
+                yield rest
         except asyncio.TimeoutError:
             err: OpenAIError = GatewayTimeout("The request timed out before the upstream finished.")
             call.ctx.error_code = err.code
@@ -195,16 +220,25 @@ class ProxyEngine(Engine):
             err = BadGateway(f"The upstream stream broke off ({type(exc).__name__}).")
             call.ctx.error_code = err.code
             yield sse_error(err)
+        finally:
+            if tap.usage is not None:
+                self._record_usage(call, tap.usage)
 
     def _note_usage(self, call: ApiCall[Any], body: bytes, status: int) -> None:
-        if status != 200 or not call.ctx.model or b'"usage"' not in body:
+        if status != 200 or b'"usage"' not in body:
             return
         try:
-            usage = json.loads(body).get("usage") or {}
+            usage = json.loads(body).get("usage")
         except (ValueError, AttributeError):
             return
+        if isinstance(usage, dict):
+            self._record_usage(call, usage)
+
+    def _record_usage(self, call: ApiCall[Any], usage: dict[str, Any]) -> None:
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int) and isinstance(completion, int):
-            call.ctx.add_tokens(prompt=prompt, completion=completion)
+        if not (isinstance(prompt, int) and isinstance(completion, int)):
+            return
+        call.ctx.add_tokens(prompt=prompt, completion=completion)
+        if call.ctx.model:
             self.metrics.prompt_tokens.labels(call.ctx.model).inc(prompt)
             self.metrics.completion_tokens.labels(call.ctx.model).inc(completion)

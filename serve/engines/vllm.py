@@ -238,7 +238,11 @@ class VLLMEngine(ProxyEngine):
         self.launch = launch_for(registry, settings, Path(self._scratch.name))
         self.supervisor = VLLMSupervisor(self.launch, settings.vllm_startup_timeout_s)
         super().__init__(
-            registry, self.supervisor.url, timeout_s=settings.request_timeout_s, metrics=metrics
+            registry,
+            self.supervisor.url,
+            timeout_s=settings.request_timeout_s,
+            ask_usage=settings.upstream_usage,
+            metrics=metrics,
         )
         registry.subscribe(self._refuse_changes)
 

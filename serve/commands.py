@@ -12,7 +12,6 @@ from tunedesk.errors import CommandError
 _DIRECT = {
     "model": "model",
     "engine": "engine",
-    "upstream_url": "upstream_url",
     "upstream_usage": "upstream_usage",
     "host": "host",
     "port": "port",
@@ -40,6 +39,7 @@ _LISTS = {
     "lora": "loras",
     "cors_origin": "cors_origins",
     "vllm_arg": "vllm_args",
+    "upstream_url": "upstream_url",
 }
 
 
@@ -58,7 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: the tiny base, if built)",
     )
     p.add_argument("--engine", choices=["transformers", "vllm", "upstream"], default=None)
-    p.add_argument("--upstream-url", default=None, help="OpenAI-compatible server to forward to")
+    p.add_argument(
+        "--upstream-url",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="OpenAI-compatible server to forward to (repeat for replicas of one service)",
+    )
     p.add_argument(
         "--upstream-usage",
         action=argparse.BooleanOptionalAction,

@@ -30,8 +30,10 @@ class ServeSettings(BaseSettings):
     loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """LoRA adapters served beside the base, as NAME=PATH."""
     engine: EngineKind = "transformers"
-    upstream_url: str | None = None
-    """Base URL of the OpenAI-compatible server `--engine upstream` forwards to."""
+    upstream_url: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Base URL of the OpenAI-compatible server `--engine upstream` forwards to; several
+    (comma-separated, or the flag repeated) are replicas of one service, balanced by requests
+    in flight, a replica that refuses connections skipped for a few seconds."""
     upstream_api_key: SecretStr | None = None
     upstream_usage: bool = True
     """Ask the upstream for token usage on every stream it relays (`stream_options`), so the
@@ -99,7 +101,9 @@ class ServeSettings(BaseSettings):
     vllm_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
     vllm_startup_timeout_s: float = Field(default=900.0, gt=0)
 
-    _split = field_validator("loras", "api_keys", "cors_origins", mode="before")(_split_commas)
+    _split = field_validator("loras", "api_keys", "cors_origins", "upstream_url", mode="before")(
+        _split_commas
+    )
 
     @field_validator("vllm_args", mode="before")
     @classmethod

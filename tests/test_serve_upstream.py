@@ -134,7 +134,7 @@ def test_a_client_leaving_mid_stream_stops_the_upstream_generating(servers):
 
 
 def test_upstream_url_may_carry_a_path_prefix():
-    from tunedesk.serve.engines.proxy import normalise_base_url
+    from tunedesk.serve.engines.upstreams import normalise_base_url
 
     assert normalise_base_url("http://h:8000/v1/") == "http://h:8000"
     assert normalise_base_url("http://h:8000") == "http://h:8000"
@@ -167,3 +167,54 @@ def test_streamed_tokens_are_counted_whether_or_not_the_client_asked_for_usage(s
     )
     assert with_usage[-1].usage == expected.usage and not with_usage[-1].choices
     assert completion_tokens() == before + 2 * expected.usage.completion_tokens
+
+
+def _requests_served(server) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return metric(text, "tunedesk_requests_total", route="/v1/chat/completions", status="200")
+
+
+def test_replicas_share_the_load_and_one_that_is_down_is_skipped(pytestconfig, tmp_path_factory):
+    import socket
+
+    tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
+    registry = ModelRegistry()
+    registry.register("tiny", str(tiny))
+    with socket.socket() as s:  # a replica that is down: nothing listens on its port
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    one = ServeSettings(api_keys=["sk-backend"], max_running=4, cpu_threads=1)
+    with serve(one, registry) as r1, serve(one, registry) as r2:
+        gateway_settings = ServeSettings(
+            engine="upstream",
+            upstream_url=[dead, r1.base_url, r2.base_url],
+            upstream_api_key="sk-backend",
+        )
+        from tunedesk.serve.engines.factory import build_engine
+
+        engine = build_engine(gateway_settings, ModelRegistry())
+        with serve(gateway_settings, ModelRegistry(), engine=engine) as gateway:
+            ready = httpx.get(f"{gateway.url}/ready")
+            assert ready.status_code == 200 and "2 of 3 upstreams ready" in ready.text
+            # Forget what the readiness probe learnt: requests must find the dead one out.
+            dead_replica = engine.pool.upstreams[0]
+            engine.pool.mark_up(dead_replica)
+            via = OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+            before = _requests_served(r1), _requests_served(r2)
+            for _ in range(8):
+                reply = via.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+                assert reply.choices[0].message.content is not None
+            served = _requests_served(r1) - before[0], _requests_served(r2) - before[1]
+            assert sum(served) == 8 and min(served) >= 3, served
+            assert dead_replica.last_error == "ClientConnectorError"  # tried, refused, skipped
+        # Every replica down: 503 in OpenAI's shape, and not ready.
+        from tunedesk.serve.app import create_app
+
+        down = ServeSettings(engine="upstream", upstream_url=[dead, dead.replace("/v1", "")])
+        with ServerThread(create_app(down, build_engine(down, ModelRegistry()))) as gateway:
+            assert httpx.get(f"{gateway.url}/ready").status_code == 503
+            r = httpx.post(
+                f"{gateway.base_url}/chat/completions", json={"model": "tiny", "messages": MSG}
+            )
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+            assert "No upstream server is reachable (2 tried)" in r.json()["error"]["message"]

@@ -24,6 +24,7 @@ import aiohttp
 from starlette.responses import Response
 
 from tunedesk.serve.engines.base import ApiCall, Engine
+from tunedesk.serve.engines.upstreams import Upstream, UpstreamPool
 from tunedesk.serve.engines.usage_tap import UsageTap
 from tunedesk.serve.errors import BadGateway, GatewayTimeout, OpenAIError, Unavailable
 from tunedesk.serve.metrics import Metrics
@@ -46,19 +47,13 @@ _DROP_RESPONSE_HEADERS = {
 }
 
 
-def normalise_base_url(url: str) -> str:
-    """`http://h:8000/v1/` and `http://h:8000` both mean the server at http://h:8000."""
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
 class ProxyEngine(Engine):
     kind = "upstream"
 
     def __init__(
         self,
         registry: ModelRegistry,
-        base_url: str,
+        base_urls: str | list[str],
         *,
         api_key: str | None = None,
         timeout_s: float = 600.0,
@@ -66,11 +61,12 @@ class ProxyEngine(Engine):
         ask_usage: bool = True,
         metrics: Metrics | None = None,
     ) -> None:
-        """`ask_usage`: ask the upstream for usage on every stream (stream_options), so streamed
+        """`base_urls`: one upstream, or several replicas of it (upstreams.py balances them).
+        `ask_usage`: ask the upstream for usage on every stream (stream_options), so streamed
         tokens reach the access log and counters; see usage_tap.py."""
         super().__init__(registry, metrics)
         self.ask_usage = ask_usage
-        self.base_url = normalise_base_url(base_url)
+        self.pool = UpstreamPool([base_urls] if isinstance(base_urls, str) else base_urls)
         self._api_key = api_key
         self._timeout_s = timeout_s
         self._max_connections = max_connections
@@ -107,21 +103,36 @@ class ProxyEngine(Engine):
         return headers
 
     async def ready(self) -> tuple[bool, str]:
-        # Cached for a second so a tight readiness probe doesn't hammer the upstream.
+        # Cached for a second so a tight readiness probe doesn't hammer the upstreams.
         if time.monotonic() - self._ready_at < 1.0:
             return self._ready
+        answers = await asyncio.gather(*(self._probe(u) for u in self.pool.upstreams))
+        ok = sum(1 for good, _ in answers if good)
+        if len(answers) == 1:
+            self._ready = answers[0]
+        else:
+            pairs = zip(self.pool.upstreams, answers, strict=True)
+            detail = "; ".join(f"{u.url}: {why}" for u, (_, why) in pairs)
+            self._ready = (ok > 0, f"{ok} of {len(answers)} upstreams ready ({detail})")
+        self._ready_at = time.monotonic()
+        return self._ready
+
+    async def _probe(self, upstream: Upstream) -> tuple[bool, str]:
+        """Ask one replica for its models; what it says also decides whether requests go to it."""
         try:
             async with self._client().get(
-                self.base_url + "/v1/models",
+                upstream.url + "/v1/models",
                 headers=self._auth_header(),
                 timeout=aiohttp.ClientTimeout(total=5.0),
             ) as r:
                 await r.read()
-                self._ready = (r.status == 200, f"upstream answered {r.status}")
+                status = r.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self._ready = (False, f"upstream unreachable: {type(exc).__name__}")
-        self._ready_at = time.monotonic()
-        return self._ready
+            why = f"upstream unreachable: {type(exc).__name__}"
+            self.pool.mark_down(upstream, why)
+            return False, why
+        self.pool.mark_up(upstream)
+        return status == 200, f"upstream answered {status}"
 
     def _auth_header(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
@@ -136,42 +147,33 @@ class ProxyEngine(Engine):
         return await self._forward("POST", "/v1/completions", call)
 
     async def _forward(self, method: str, path: str, call: ApiCall[Any]) -> Response:
-        # The request's deadline bounds all of it, the streamed body included.
-        timeout = aiohttp.ClientTimeout(
-            total=max(1.0, call.deadline - time.monotonic()), sock_connect=10.0
-        )
         body, strip_usage = self._upstream_body(call) if method == "POST" else (None, False)
-        request = self._client().request(
-            method,
-            self.base_url + path,  # a base URL may carry a path prefix: append, don't resolve
-            data=body,
-            headers=self._headers(call),
-            timeout=timeout,
-        )
-        try:
-            upstream = await unless_disconnected(call.http, request)
-        except asyncio.TimeoutError:
-            raise GatewayTimeout("The upstream server did not answer in time.") from None
-        except aiohttp.ClientError as exc:
-            raise Unavailable(
-                f"The upstream server is unreachable ({type(exc).__name__})."
-            ) from None
+        replica, upstream = await self._open(method, path, call, body)
+        released = False
+
+        def release() -> None:  # the request's place on the replica, once its answer is done
+            nonlocal released
+            if not released:
+                released = True
+                replica.in_flight -= 1
+
         headers = {
             k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS
         }
         media = upstream.headers.get("content-type", "")
         if "text/event-stream" not in media:
             try:
-                body = await unless_disconnected(call.http, upstream.read())
+                content = await unless_disconnected(call.http, upstream.read())
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise BadGateway(
                     f"The upstream response broke off ({type(exc).__name__})."
                 ) from None
             finally:
                 upstream.close()  # a no-op once the body is read (the connection is pooled)
+                release()
             call.ctx.first_token_at = call.ctx.first_token_at or time.perf_counter()
-            self._note_usage(call, body, upstream.status)
-            return Response(body, status_code=upstream.status, headers=headers)
+            self._note_usage(call, content, upstream.status)
+            return Response(content, status_code=upstream.status, headers=headers)
         response = ManagedStreamingResponse(
             self._relay(upstream, call, UsageTap(strip_usage)),
             status_code=upstream.status,
@@ -181,7 +183,52 @@ class ProxyEngine(Engine):
         # nothing; a stream cut short (the client left) closes it, so the upstream sees the
         # disconnect and stops generating.
         response.on_close(upstream.close)
+        response.on_close(release)
         return response
+
+    async def _open(
+        self, method: str, path: str, call: ApiCall[Any], body: bytes | None
+    ) -> tuple[Upstream, aiohttp.ClientResponse]:
+        """Send the request to a replica and return its response once the headers are in,
+        the replica's in-flight count raised (the caller lowers it when the answer is done).
+        A replica that refuses the connection is marked down and the next one is tried."""
+        # The request's deadline bounds all of it, the streamed body included.
+        timeout = aiohttp.ClientTimeout(
+            total=max(1.0, call.deadline - time.monotonic()), sock_connect=10.0
+        )
+        tried: list[Upstream] = []
+        while (replica := self.pool.pick(tried)) is not None:
+            tried.append(replica)
+            request = self._client().request(
+                method,
+                replica.url + path,  # a base URL may carry a path prefix: append, don't resolve
+                data=body,
+                headers=self._headers(call),
+                timeout=timeout,
+            )
+            replica.in_flight += 1
+            try:
+                upstream = await unless_disconnected(call.http, request)
+            except aiohttp.ClientConnectorError as exc:
+                # It never reached the replica: safe to send to another one.
+                replica.in_flight -= 1
+                self.pool.mark_down(replica, type(exc).__name__)
+                log.warning("upstream %s refused the connection (%s)", replica.url, exc)
+                continue
+            except BaseException as exc:
+                replica.in_flight -= 1
+                if isinstance(exc, asyncio.TimeoutError):
+                    raise GatewayTimeout("The upstream server did not answer in time.") from None
+                if isinstance(exc, aiohttp.ClientError):
+                    raise Unavailable(
+                        f"The upstream server is unreachable ({type(exc).__name__})."
+                    ) from None
+                raise
+            self.pool.mark_up(replica)
+            return replica, upstream
+        if len(tried) == 1:
+            raise Unavailable(f"The upstream server is unreachable ({tried[0].last_error}).")
+        raise Unavailable(f"No upstream server is reachable ({len(tried)} tried).")
 
     def _upstream_body(self, call: ApiCall[Any]) -> tuple[bytes, bool]:
         """The client's bytes, or, for a stream that did not ask for usage, the same request

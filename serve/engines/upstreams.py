@@ -1,0 +1,73 @@
+"""Several upstream replicas behind one gateway.
+
+Each request goes to the replica with the fewest requests in flight (ties taken in turn), so
+a replica slowed by long generations gets fewer new ones. A replica that refuses a connection
+is skipped for `down_for_s` and the request goes to the next one: a refused connection means
+the request never reached it, so nothing runs twice. A replica that fails later (mid-answer)
+is not retried: the request may have run. When every replica is marked down, the one whose
+down time ends first is tried anyway: it may be back, and a gateway that refuses to try
+would stay down longer than its upstreams.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+def normalise_base_url(url: str) -> str:
+    """`http://h:8000/v1/` and `http://h:8000` both mean the server at http://h:8000."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+@dataclass(eq=False)
+class Upstream:
+    url: str
+    """Base URL without `/v1` (see normalise_base_url)."""
+    position: int
+    in_flight: int = 0
+    down_until: float = 0.0
+    last_error: str = ""
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        urls: Iterable[str],
+        down_for_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstreams = [Upstream(normalise_base_url(u), i) for i, u in enumerate(urls)]
+        if not self.upstreams:
+            raise ValueError("an upstream pool needs at least one URL")
+        self.down_for_s = down_for_s
+        self.clock = clock
+        self._turn = 0
+
+    def pick(self, exclude: Iterable[Upstream] = ()) -> Upstream | None:
+        """The replica for the next request, not one of `exclude` (already tried); None when
+        every replica has been tried."""
+        tried = set(exclude)
+        left = [u for u in self.upstreams if u not in tried]
+        if not left:
+            return None
+        now = self.clock()
+        up = [u for u in left if u.down_until <= now]
+        if not up:
+            return min(left, key=lambda u: u.down_until)
+        n = len(self.upstreams)
+        self._turn = (self._turn + 1) % n
+        return min(up, key=lambda u: (u.in_flight, (u.position - self._turn) % n))
+
+    def mark_down(self, upstream: Upstream, why: str) -> None:
+        upstream.down_until = self.clock() + self.down_for_s
+        upstream.last_error = why
+
+    def mark_up(self, upstream: Upstream) -> None:
+        upstream.down_until = 0.0
+        upstream.last_error = ""
+
+    def is_up(self, upstream: Upstream) -> bool:
+        return upstream.down_until <= self.clock()

@@ -63,6 +63,19 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # The gateway engines' upstream replicas (absent on a local engine).
+        self.upstream_in_flight = Gauge(
+            "tunedesk_upstream_in_flight",
+            "Requests the gateway has open on each upstream replica.",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_refused = Counter(
+            "tunedesk_upstream_refused",
+            "Connections an upstream replica refused (the request went to another one).",
+            ["upstream"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "tunedesk_queue_depth", "Sequences admitted but waiting for a batch slot.", registry=r
         )

@@ -4,6 +4,7 @@ gateway forwards the client's bytes and streams the upstream's bytes back."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -12,6 +13,8 @@ import pytest
 from openai import OpenAI
 from test_serve_support import build_tiny, cache_root, metric, serve, sse_events
 
+from tunedesk.serve.app import create_app
+from tunedesk.serve.engines.factory import build_engine
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings
 from tunedesk.serve.testing import ServerThread
@@ -169,14 +172,15 @@ def test_streamed_tokens_are_counted_whether_or_not_the_client_asked_for_usage(s
     assert completion_tokens() == before + 2 * expected.usage.completion_tokens
 
 
+_STREAM_KW = {"model": "tiny", "messages": MSG, "max_tokens": 200, "stream": True}
+
+
 def _requests_served(server) -> float:
     text = httpx.get(f"{server.url}/metrics").text
     return metric(text, "tunedesk_requests_total", route="/v1/chat/completions", status="200")
 
 
 def test_replicas_share_the_load_and_one_that_is_down_is_skipped(pytestconfig, tmp_path_factory):
-    import socket
-
     tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
     registry = ModelRegistry()
     registry.register("tiny", str(tiny))
@@ -190,8 +194,6 @@ def test_replicas_share_the_load_and_one_that_is_down_is_skipped(pytestconfig, t
             upstream_url=[dead, r1.base_url, r2.base_url],
             upstream_api_key="sk-backend",
         )
-        from tunedesk.serve.engines.factory import build_engine
-
         engine = build_engine(gateway_settings, ModelRegistry())
         with serve(gateway_settings, ModelRegistry(), engine=engine) as gateway:
             ready = httpx.get(f"{gateway.url}/ready")
@@ -206,10 +208,27 @@ def test_replicas_share_the_load_and_one_that_is_down_is_skipped(pytestconfig, t
                 assert reply.choices[0].message.content is not None
             served = _requests_served(r1) - before[0], _requests_served(r2) - before[1]
             assert sum(served) == 8 and min(served) >= 3, served
+            # A stream read to the end and one the client leaves: both give their place back.
+            assert list(via.chat.completions.create(**_STREAM_KW))
+            with httpx.stream(
+                "POST", f"{gateway.base_url}/chat/completions", json=_STREAM_KW, timeout=60
+            ) as r:
+                next(r.iter_lines())
             assert dead_replica.last_error == "ClientConnectorError"  # tried, refused, skipped
-        # Every replica down: 503 in OpenAI's shape, and not ready.
-        from tunedesk.serve.app import create_app
 
+            def open_on_replicas(text: str) -> float:
+                urls = [u.url for u in engine.pool.upstreams]
+                return sum(metric(text, "tunedesk_upstream_in_flight", upstream=u) for u in urls)
+
+            deadline = time.monotonic() + 10  # until the gateway has seen the hang-up
+            while open_on_replicas(text := httpx.get(f"{gateway.url}/metrics").text):
+                assert time.monotonic() < deadline, "a request never gave its place back"
+                time.sleep(0.05)
+            dead_url = dead.removesuffix("/v1")
+            assert metric(text, "tunedesk_upstream_refused_total", upstream=dead_url) >= 1
+            live = r1.base_url.removesuffix("/v1")
+            assert f'tunedesk_upstream_in_flight{{upstream="{live}"}}' in text
+        # Every replica down: 503 in OpenAI's shape, and not ready.
         down = ServeSettings(engine="upstream", upstream_url=[dead, dead.replace("/v1", "")])
         with ServerThread(create_app(down, build_engine(down, ModelRegistry()))) as gateway:
             assert httpx.get(f"{gateway.url}/ready").status_code == 503

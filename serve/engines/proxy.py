@@ -67,6 +67,11 @@ class ProxyEngine(Engine):
         super().__init__(registry, metrics)
         self.ask_usage = ask_usage
         self.pool = UpstreamPool([base_urls] if isinstance(base_urls, str) else base_urls)
+        self._refused = self.metrics.upstream_refused
+        for upstream in self.pool.upstreams:  # read at scrape time
+            self.metrics.upstream_in_flight.labels(upstream.url).set_function(
+                lambda u=upstream: u.in_flight
+            )
         self._api_key = api_key
         self._timeout_s = timeout_s
         self._max_connections = max_connections
@@ -213,6 +218,7 @@ class ProxyEngine(Engine):
                 # It never reached the replica: safe to send to another one.
                 replica.in_flight -= 1
                 self.pool.mark_down(replica, type(exc).__name__)
+                self._refused.labels(replica.url).inc()
                 log.warning("upstream %s refused the connection (%s)", replica.url, exc)
                 continue
             except BaseException as exc:

@@ -15,6 +15,7 @@ from test_serve_support import build_tiny, cache_root, metric, serve, sse_events
 
 from tunedesk.serve.app import create_app
 from tunedesk.serve.engines.factory import build_engine
+from tunedesk.serve.engines.upstreams import normalise_base_url
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings
 from tunedesk.serve.testing import ServerThread
@@ -92,15 +93,10 @@ def test_gateway_keeps_its_own_keys_and_passes_upstream_errors(servers):
 
 
 def test_gateway_with_unreachable_upstream_is_503_and_not_ready():
-    import socket
-
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = ServeSettings(engine="upstream", upstream_url=f"http://127.0.0.1:{port}/v1")
-    from tunedesk.serve.app import create_app
-    from tunedesk.serve.engines.factory import build_engine
-
     app = create_app(settings, build_engine(settings, ModelRegistry()))
     with ServerThread(app) as gw:
         assert httpx.get(f"{gw.url}/ready").status_code == 503
@@ -137,8 +133,6 @@ def test_a_client_leaving_mid_stream_stops_the_upstream_generating(servers):
 
 
 def test_upstream_url_may_carry_a_path_prefix():
-    from tunedesk.serve.engines.upstreams import normalise_base_url
-
     assert normalise_base_url("http://h:8000/v1/") == "http://h:8000"
     assert normalise_base_url("http://h:8000") == "http://h:8000"
     # Behind a reverse proxy's prefix: requests go to http://h/llm/v1/..., the prefix kept.

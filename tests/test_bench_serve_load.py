@@ -73,20 +73,34 @@ def test_targets_and_medians_over_repeated_runs() -> None:
     assert not slow[0]["met"]
 
 
-@pytest.mark.slow
-def test_driver_runs_against_a_real_server(tiny_base: Path, tmp_path: Path) -> None:
-    out = tmp_path / "load.json"
+def _run_bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    """Run the benchmark script (8 tokens per request, one torch thread): stdout, JSON out."""
+    out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", str(tiny_base), "--no-peer"]
-        + ["--requests", "6", "--concurrency", "1", "3", "--max-tokens", "8"]
-        + ["--cpu-threads", "1", "--json-out", str(out)],
+        [sys.executable, str(SCRIPT), *args, "--max-tokens", "8", "--cpu-threads", "1"]
+        + ["--json-out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_driver_runs_against_a_real_server(tiny_base: Path, tmp_path: Path) -> None:
+    stdout, data = _run_bench(
+        tmp_path,
+        "--model",
+        str(tiny_base),
+        "--no-peer",
+        "--requests",
+        "6",
+        "--concurrency",
+        "1",
+        "3",
+    )
     levels = data["results"]["tunedesk"]
     assert [s["concurrency"] for s in levels] == [1, 3]
     for s in levels:
@@ -94,25 +108,17 @@ def test_driver_runs_against_a_real_server(tiny_base: Path, tmp_path: Path) -> N
         # ignore_eos is sent to tunedesk: every request generates exactly max_tokens.
         assert s["tokens_per_req"] == 8
         assert 0 < s["ttft_p50_ms"] <= s["latency_p50_ms"]
-    assert "| tunedesk" in proc.stdout
+    assert "| tunedesk" in stdout
 
 
 @pytest.mark.slow
 def test_gateway_mode_measures_both_paths_and_stops_the_upstream(
     tiny_base: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "gateway.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--engine", "upstream", "--model", str(tiny_base)]
-        + ["--requests", "4", "--concurrency", "2", "--max-tokens", "8", "--repeat", "2"]
-        + ["--cpu-threads", "1", "--json-out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    stdout, data = _run_bench(
+        tmp_path, "--engine", "upstream", "--model", str(tiny_base), "--requests", "4",
+        "--concurrency", "2", "--repeat", "2",
+    )  # fmt: skip
     assert data["compared"] == "gateway"
     assert len(data["runs"]) == 2
     for run in data["runs"]:
@@ -122,7 +128,7 @@ def test_gateway_mode_measures_both_paths_and_stops_the_upstream(
             assert level["tokens_per_req"] == 8
             assert level["server_cpu"] is not None and level["server_cpu"] > 0
     assert [s["concurrency"] for s in data["summary"]] == [2]
-    assert "TTFT added ms" in proc.stdout
+    assert "TTFT added ms" in stdout
     # The upstream the bench started is gone with it.
     gateway_argv = data["servers"][0]["argv"]
     upstream = gateway_argv[gateway_argv.index("--upstream-url") + 1]

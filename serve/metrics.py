@@ -70,9 +70,10 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
-        self.upstream_refused = Counter(
-            "tunedesk_upstream_refused",
-            "Connections an upstream replica refused (the request went to another one).",
+        self.upstream_connect_failures = Counter(
+            "tunedesk_upstream_connect_failures",
+            "Connections to an upstream replica refused or not accepted in time (the request "
+            "went to another replica).",
             ["upstream"],
             registry=r,
         )

@@ -3,6 +3,7 @@ gateway forwards the client's bytes and streams the upstream's bytes back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -15,6 +16,7 @@ from test_serve_support import build_tiny, cache_root, metric, serve, sse_events
 
 from tunedesk.serve.app import create_app
 from tunedesk.serve.engines.factory import build_engine
+from tunedesk.serve.engines.proxy import ProxyEngine
 from tunedesk.serve.engines.upstreams import normalise_base_url
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.serve.settings import ServeSettings
@@ -219,7 +221,7 @@ def test_replicas_share_the_load_and_one_that_is_down_is_skipped(pytestconfig, t
                 assert time.monotonic() < deadline, "a request never gave its place back"
                 time.sleep(0.05)
             dead_url = dead.removesuffix("/v1")
-            assert metric(text, "tunedesk_upstream_refused_total", upstream=dead_url) >= 1
+            assert metric(text, "tunedesk_upstream_connect_failures_total", upstream=dead_url) >= 1
             live = r1.base_url.removesuffix("/v1")
             assert f'tunedesk_upstream_in_flight{{upstream="{live}"}}' in text
         # Every replica down: 503 in OpenAI's shape, and not ready.
@@ -231,3 +233,49 @@ def test_replicas_share_the_load_and_one_that_is_down_is_skipped(pytestconfig, t
             )
             assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
             assert "No upstream server is reachable (2 tried)" in r.json()["error"]["message"]
+
+
+def test_a_replica_that_accepts_no_connection_in_time_is_skipped(servers):
+    backend, _ = servers
+    # A listener whose accept queue is full: the kernel drops further connection attempts,
+    # as a hung or unplugged host would, so connecting times out instead of being refused.
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(0)
+    port = hung.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    settings = ServeSettings(engine="upstream", upstream_url=[f"http://127.0.0.1:{port}"])
+    engine = ProxyEngine(
+        ModelRegistry(),
+        [f"http://127.0.0.1:{port}", backend.base_url],
+        api_key="sk-backend",
+        connect_timeout_s=0.5,
+    )
+    try:
+        with serve(settings, ModelRegistry(), engine=engine) as gateway:
+            hung_replica = engine.pool.upstreams[0]
+            engine.pool.mark_up(hung_replica)  # unknown until a request finds out
+            via = OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+            for _ in range(4):
+                assert via.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).usage
+            assert hung_replica.last_error == "ConnectionTimeoutError"
+            text = httpx.get(f"{gateway.url}/metrics").text
+            failures = metric(
+                text, "tunedesk_upstream_connect_failures_total", upstream=hung_replica.url
+            )
+            assert failures == 1  # then skipped while marked down
+            # /ready answers from the last check and refreshes in the background: a replica
+            # that takes its whole connect timeout (0.5 s here) never makes /ready wait for it.
+            time.sleep(1.1)
+            started = time.monotonic()
+            assert httpx.get(f"{gateway.url}/ready").status_code == 200
+            assert time.monotonic() - started < 0.45
+    finally:
+        for s in [*fillers, hung]:
+            s.close()

@@ -57,6 +57,7 @@ class ProxyEngine(Engine):
         *,
         api_key: str | None = None,
         timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
         max_connections: int = 256,
         ask_usage: bool = True,
         metrics: Metrics | None = None,
@@ -67,18 +68,20 @@ class ProxyEngine(Engine):
         super().__init__(registry, metrics)
         self.ask_usage = ask_usage
         self.pool = UpstreamPool([base_urls] if isinstance(base_urls, str) else base_urls)
-        self._refused = self.metrics.upstream_refused
+        self._connect_failures = self.metrics.upstream_connect_failures
         for upstream in self.pool.upstreams:  # read at scrape time
             self.metrics.upstream_in_flight.labels(upstream.url).set_function(
                 lambda u=upstream: u.in_flight
             )
         self._api_key = api_key
         self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
         self._max_connections = max_connections
         # Made on first use: an aiohttp session belongs to the event loop that creates it.
         self._session: aiohttp.ClientSession | None = None
         self._ready_at = 0.0
         self._ready: tuple[bool, str] = (False, "not checked yet")
+        self._refreshing: asyncio.Future[None] | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -86,7 +89,9 @@ class ProxyEngine(Engine):
                 connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
                 # Reads can legitimately wait long between tokens of a queued request; each
                 # request's own deadline is its total timeout (see _forward).
-                timeout=aiohttp.ClientTimeout(total=self._timeout_s, sock_connect=10.0),
+                timeout=aiohttp.ClientTimeout(
+                    total=self._timeout_s, sock_connect=self._connect_timeout_s
+                ),
                 # Bytes are relayed as they come: the upstream must not compress them.
                 headers={"accept-encoding": "identity"},
                 auto_decompress=False,
@@ -94,6 +99,8 @@ class ProxyEngine(Engine):
         return self._session
 
     async def stop(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -108,19 +115,31 @@ class ProxyEngine(Engine):
         return headers
 
     async def ready(self) -> tuple[bool, str]:
-        # Cached for a second so a tight readiness probe doesn't hammer the upstreams.
-        if time.monotonic() - self._ready_at < 1.0:
-            return self._ready
-        answers = await asyncio.gather(*(self._probe(u) for u in self.pool.upstreams))
-        ok = sum(1 for good, _ in answers if good)
-        if len(answers) == 1:
-            self._ready = answers[0]
-        else:
-            pairs = zip(self.pool.upstreams, answers, strict=True)
-            detail = "; ".join(f"{u.url}: {why}" for u, (_, why) in pairs)
-            self._ready = (ok > 0, f"{ok} of {len(answers)} upstreams ready ({detail})")
-        self._ready_at = time.monotonic()
+        """The replicas' last known state. A probe older than a second is refreshed in the
+        background, so a hung replica never makes /ready itself slow; only the very first
+        call waits for an answer."""
+        if self._refreshing is None and time.monotonic() - self._ready_at >= 1.0:
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        if self._ready_at == 0.0 and self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
         return self._ready
+
+    async def _refresh(self) -> None:
+        try:
+            answers = await asyncio.gather(*(self._probe(u) for u in self.pool.upstreams))
+            ok = sum(1 for good, _ in answers if good)
+            if len(answers) == 1:
+                self._ready = answers[0]
+            else:
+                pairs = zip(self.pool.upstreams, answers, strict=True)
+                detail = "; ".join(f"{u.url}: {why}" for u, (_, why) in pairs)
+                self._ready = (ok > 0, f"{ok} of {len(answers)} upstreams ready ({detail})")
+            self._ready_at = time.monotonic()
+        except Exception:  # a bug here must not leave /ready stuck on an old answer
+            log.exception("checking the upstreams failed")
+            self._ready, self._ready_at = (False, "checking the upstreams failed"), time.monotonic()
+        finally:
+            self._refreshing = None
 
     async def _probe(self, upstream: Upstream) -> tuple[bool, str]:
         """Ask one replica for its models; what it says also decides whether requests go to it."""
@@ -128,7 +147,9 @@ class ProxyEngine(Engine):
             async with self._client().get(
                 upstream.url + "/v1/models",
                 headers=self._auth_header(),
-                timeout=aiohttp.ClientTimeout(total=5.0),
+                timeout=aiohttp.ClientTimeout(
+                    total=5.0, sock_connect=min(5.0, self._connect_timeout_s)
+                ),
             ) as r:
                 await r.read()
                 status = r.status
@@ -199,7 +220,7 @@ class ProxyEngine(Engine):
         A replica that refuses the connection is marked down and the next one is tried."""
         # The request's deadline bounds all of it, the streamed body included.
         timeout = aiohttp.ClientTimeout(
-            total=max(1.0, call.deadline - time.monotonic()), sock_connect=10.0
+            total=max(1.0, call.deadline - time.monotonic()), sock_connect=self._connect_timeout_s
         )
         tried: list[Upstream] = []
         while (replica := self.pool.pick(tried)) is not None:
@@ -214,12 +235,13 @@ class ProxyEngine(Engine):
             replica.in_flight += 1
             try:
                 upstream = await unless_disconnected(call.http, request)
-            except aiohttp.ClientConnectorError as exc:
-                # It never reached the replica: safe to send to another one.
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Refused, or no connection in time (a hung or unplugged host): the request
+                # never reached the replica, so it is safe to send it to another one.
                 replica.in_flight -= 1
                 self.pool.mark_down(replica, type(exc).__name__)
-                self._refused.labels(replica.url).inc()
-                log.warning("upstream %s refused the connection (%s)", replica.url, exc)
+                self._connect_failures.labels(replica.url).inc()
+                log.warning("upstream %s: no connection (%r); trying another", replica.url, exc)
                 continue
             except BaseException as exc:
                 replica.in_flight -= 1

@@ -1,9 +1,9 @@
 """Several upstream replicas behind one gateway.
 
 Each request goes to the replica with the fewest requests in flight (ties taken in turn), so
-a replica slowed by long generations gets fewer new ones. A replica that refuses a connection
-is skipped for `down_for_s` and the request goes to the next one: a refused connection means
-the request never reached it, so nothing runs twice. A replica that fails later (mid-answer)
+a replica slowed by long generations gets fewer new ones. A replica that refuses a connection,
+or does not accept one in time, is skipped for `down_for_s` and the request goes to the next
+one: without a connection the request never reached it, so nothing runs twice. A replica that fails later (mid-answer)
 is not retried: the request may have run. When every replica is marked down, the one whose
 down time ends first is tried anyway: it may be back, and a gateway that refuses to try
 would stay down longer than its upstreams.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -279,3 +280,56 @@ def test_a_replica_that_accepts_no_connection_in_time_is_skipped(servers):
     finally:
         for s in [*fillers, hung]:
             s.close()
+
+
+class _DyingUpstream:
+    """An upstream that starts a stream and then drops the connection mid-answer, as a
+    crashing server does. A raw socket, because no real server here can be made to crash at
+    that moment on purpose."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            with conn:
+                conn.recv(65536)  # the request (small enough for one read)
+                event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                    + f"{len(event):x}\r\n".encode()
+                    + event
+                    + b"\r\n"
+                )
+                time.sleep(0.2)  # then gone, without the chunked body's end
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_upstream_dying_mid_stream_ends_the_stream_with_an_error_event():
+    upstream = _DyingUpstream()
+    settings = ServeSettings(engine="upstream", upstream_url=upstream.url, upstream_usage=False)
+    try:
+        with ServerThread(create_app(settings, build_engine(settings, ModelRegistry()))) as gw:
+            r = httpx.post(
+                f"{gw.base_url}/chat/completions",
+                json={"model": "tiny", "messages": MSG, "stream": True},
+                timeout=30,
+            )
+            assert r.status_code == 200  # the stream had started
+            events = sse_events(r.content)
+            assert json.loads(events[0])["choices"][0]["delta"]["content"] == "hi"
+            error = json.loads(events[1])["error"]
+            assert error["code"] == "upstream_error" and error["type"] == "server_error"
+            assert "broke off" in error["message"]
+            assert events[2:] == ["[DONE]"]
+    finally:
+        upstream.close()

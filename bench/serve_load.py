@@ -63,6 +63,9 @@ class Server:
     log: Path
     extra_body: dict | None = None  # per-server request extras (ignore_eos where supported)
     host: str = "127.0.0.1"
+    owned: bool = True
+    """Started and stopped by this script (False: `--upstream-url`, or the upstream measured
+    directly, which the gateway run owns)."""
     proc: subprocess.Popen | None = None
 
     @property
@@ -136,6 +139,27 @@ def _base_env(threads: int | None) -> dict[str, str]:
     return env
 
 
+def _tunedesk_argv(
+    args: argparse.Namespace, port: int, engine: str, model: str | None = None
+) -> list[str]:
+    """`tunedesk serve` as the benchmark runs it: the given engine on 127.0.0.1:port, a queue
+    as long as a level, and the transformers engine's threads and device."""
+    argv = [
+        sys.executable, "-m", "tunedesk", "serve", "--engine", engine,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-queued", str(max(64, args.requests)),
+    ]  # fmt: skip
+    if model is not None:
+        argv += ["--model", model, "--served-model-name", args.served_model_name]
+    if args.max_running:
+        argv += ["--max-running", str(args.max_running)]
+    if engine == "transformers":
+        if args.cpu_threads:
+            argv += ["--cpu-threads", str(args.cpu_threads)]
+        argv += ["--device", args.device or "cpu"]
+    return argv
+
+
 def build_upstream(args: argparse.Namespace, model: str, log_dir: Path) -> Server:
     """The server a gateway run fronts: `--upstream-url` as given (nothing started), or a
     tunedesk transformers-engine server on the model."""
@@ -146,7 +170,7 @@ def build_upstream(args: argparse.Namespace, model: str, log_dir: Path) -> Serve
             raise SystemExit("--upstream-url: give it as http://HOST:PORT[/v1]")
         return Server(
             label="direct",
-            argv=[],  # not ours to start or stop
+            argv=[],
             env={},
             model_name=args.served_model_name,
             ready_path="/v1/models",
@@ -154,23 +178,13 @@ def build_upstream(args: argparse.Namespace, model: str, log_dir: Path) -> Serve
             log=log_dir / "direct.log",
             extra_body=fixed,
             host=url.hostname,
+            owned=False,
         )
     port = _free_port()
-    argv = [
-        sys.executable, "-m", "tunedesk", "serve",
-        "--model", model, "--engine", "transformers",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--served-model-name", args.served_model_name,
-        "--max-queued", str(max(64, args.requests)),
-        "--device", args.device or "cpu",
-    ]  # fmt: skip
-    if args.cpu_threads:
-        argv += ["--cpu-threads", str(args.cpu_threads)]
-    env = _base_env(args.cpu_threads)
     return Server(
         label="direct",
-        argv=argv,
-        env=env,
+        argv=_tunedesk_argv(args, port, "transformers", model),
+        env=_base_env(args.cpu_threads),
         model_name=args.served_model_name,
         ready_path="/ready",
         port=port,
@@ -181,17 +195,9 @@ def build_upstream(args: argparse.Namespace, model: str, log_dir: Path) -> Serve
 
 def build_gateway(args: argparse.Namespace, upstream: Server, log_dir: Path) -> Server:
     port = _free_port()
-    argv = [
-        sys.executable, "-m", "tunedesk", "serve",
-        "--engine", "upstream", "--upstream-url", upstream.base_url,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--max-queued", str(max(64, args.requests)),
-    ]  # fmt: skip
-    if args.max_running:
-        argv += ["--max-running", str(args.max_running)]
     return Server(
         label="tunedesk-gateway",
-        argv=argv,
+        argv=_tunedesk_argv(args, port, "upstream") + ["--upstream-url", upstream.base_url],
         env=_base_env(None),
         model_name=args.served_model_name,
         ready_path="/ready",
@@ -205,21 +211,8 @@ def build_servers(args: argparse.Namespace, model: str, log_dir: Path) -> list[S
     name = args.served_model_name
     env = _base_env(args.cpu_threads if args.engine == "transformers" else None)
     port = _free_port()
-    td = [
-        sys.executable, "-m", "tunedesk", "serve",
-        "--model", model, "--engine", args.engine,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--served-model-name", name,
-        "--max-queued", str(max(64, args.requests)),
-    ]  # fmt: skip
-    if args.max_running:
-        td += ["--max-running", str(args.max_running)]
-    if args.engine == "transformers":
-        if args.cpu_threads:
-            td += ["--cpu-threads", str(args.cpu_threads)]
-        if args.device:
-            td += ["--device", args.device]
-    else:
+    td = _tunedesk_argv(args, port, args.engine, model)
+    if args.engine == "vllm":
         if args.tensor_parallel_size:
             td += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
         td += [f"--vllm-arg={a}" for a in args.vllm_arg]
@@ -259,7 +252,7 @@ def build_servers(args: argparse.Namespace, model: str, log_dir: Path) -> list[S
 
 
 def start(server: Server) -> None:
-    if not server.argv:  # a server someone else runs (--upstream-url)
+    if not server.owned:
         return
     fh = open(server.log, "wb")  # noqa: SIM115 - closed with the process
     server.proc = subprocess.Popen(
@@ -275,7 +268,7 @@ def start(server: Server) -> None:
 
 
 def stop(server: Server) -> None:
-    if not server.argv:  # not ours (or measured through another Server that owns it)
+    if not server.owned:
         return
     proc = server.proc
     if proc is None or proc.poll() is not None:
@@ -600,7 +593,7 @@ def ensure_model(args: argparse.Namespace) -> str:
 
 
 async def bench_server(server: Server, args: argparse.Namespace) -> list[dict]:
-    what = " ".join(server.argv) or f"already running at {server.base_url}"
+    what = " ".join(server.argv) if server.owned else f"already running at {server.base_url}"
     print(f"\n== {server.label}: {what}", flush=True)
     t0 = time.monotonic()
     start(server)
@@ -628,7 +621,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.engine == "upstream":
         upstream = build_upstream(args, model, log_dir)
         # Measured directly and through the gateway; started once (if it is ours) for both.
-        servers = [build_gateway(args, upstream, log_dir), replace(upstream, argv=[])]
+        servers = [build_gateway(args, upstream, log_dir), replace(upstream, owned=False)]
     else:
         servers = build_servers(args, model, log_dir)
     print(f"model {model}; logs in {log_dir}; {args.requests} requests per level, "
@@ -647,7 +640,7 @@ async def _run_all(
     kind: str,
     upstream: Server | None,
 ) -> int:
-    if upstream is not None and upstream.argv:
+    if upstream is not None and upstream.owned:
         print(f"\n== upstream: {' '.join(upstream.argv)}", flush=True)
         start(upstream)
         await wait_ready(upstream, args.startup_timeout)

@@ -17,7 +17,12 @@ from tunedesk.serve.auth import ALL_SCOPES, KeyFileError, KeyStore
 from tunedesk.serve.engines.local.batcher import StepBatcher
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
 from tunedesk.serve.engines.local.generation import Generation
-from tunedesk.serve.engines.local.sampling import SamplingParams, sample
+from tunedesk.serve.engines.local.sampling import (
+    SamplingParams,
+    finite_rows,
+    row_argmax,
+    sample,
+)
 from tunedesk.serve.errors import BadRequest, GatewayTimeout, RateLimited
 
 PROMPTS = [
@@ -230,6 +235,26 @@ def test_sampling_temperature_top_p_penalties_and_seed():
 
     assert draws(hot) == draws(hot)
     assert len(set(draws(hot))) > 1
+
+
+def test_row_argmax_and_finite_rows_agree_with_torch():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 6016, generator=gen)
+    logits[3, 7] = logits[3, 100] = 50.0  # a tie: the first index wins, as in torch
+    logits[5, 9] = float("nan")
+    logits[6, 0] = float("inf")
+    logits[7, 1] = float("-inf")
+    assert row_argmax(logits) == logits.argmax(dim=-1).tolist()
+    assert row_argmax(logits)[3] == 7
+    assert finite_rows(logits) == torch.isfinite(logits).all(dim=-1).tolist()
+    assert [i for i, ok in enumerate(finite_rows(logits)) if not ok] == [5, 6, 7]
+    # Views (a column slice, rows picked out) and other dtypes go through the same answers.
+    view = logits[::2, 10:]
+    assert row_argmax(view) == view.argmax(dim=-1).tolist()
+    assert finite_rows(view) == torch.isfinite(view).all(dim=-1).tolist()
+    half = logits.to(torch.bfloat16)
+    assert finite_rows(half) == torch.isfinite(half).all(dim=-1).tolist()
+    assert row_argmax(half) == half.argmax(dim=-1).tolist()
 
 
 def test_key_store_scopes_and_constant_time_lookup(tmp_path):

@@ -19,6 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from tunedesk.serve.engines.local import fastpath
 from tunedesk.serve.engines.local.fastpath import LeanDecoder, unsupported_reason
 from tunedesk.serve.engines.local.slab import SlabCache
 
@@ -100,11 +101,41 @@ def test_fused_weights_are_shared_not_copied():
     before = sum(p.numel() for p in model.parameters())
     lean = LeanDecoder(model)
     attn = model.model.layers[0].self_attn
-    assert attn.k_proj.weight.data_ptr() != lean.layers[0].qkv_w.data_ptr()
-    assert attn.q_proj.weight.untyped_storage().data_ptr() == (
-        lean.layers[0].qkv_w.untyped_storage().data_ptr()
-    )
+    assert attn.k_proj.weight.data_ptr() != lean.layers[0].qkv_t.data_ptr()
+    for module, fused in [
+        (attn.q_proj, lean.layers[0].qkv_t),
+        (attn.o_proj, lean.layers[0].o_t),
+        (model.model.layers[0].mlp.up_proj, lean.layers[0].gate_up_t),
+    ]:
+        assert module.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
     assert sum(p.numel() for p in model.parameters()) == before
+    # A tied head stays tied (the embedding is row-major for lookups); a small one gets a
+    # transposed copy for the output projection.
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert lean.lm_head_t is not None and lean.lm_head_t.is_contiguous()
+    torch.testing.assert_close(lean.lm_head_t, model.lm_head.weight.t())
+    # An untied head is transposed in place, like the layers.
+    untied = _model(CONFIGS["llama-mha-scaled-rope"]())
+    lean = LeanDecoder(untied)
+    assert untied.lm_head.weight.untyped_storage().data_ptr() == (
+        lean.lm_head_t.untyped_storage().data_ptr()
+    )
+
+
+def test_a_big_tied_head_is_not_copied_and_still_exact(monkeypatch):
+    monkeypatch.setattr(fastpath, "TIED_HEAD_COPY_LIMIT", 0)
+    model = _model(CONFIGS["qwen2-bias-gqa"]())
+    reference = _model(CONFIGS["qwen2-bias-gqa"]())
+    lean = LeanDecoder(model)
+    assert lean.lm_head_t is None
+    slab = lean.new_slab(torch.device("cpu"))
+    with torch.inference_mode():
+        prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+        logits = _join(lean, slab, prompts)
+        for lg, p in zip(logits, prompts, strict=True):
+            torch.testing.assert_close(
+                lg, _reference_last_logits(reference, p), atol=1e-4, rtol=1e-4
+            )
 
 
 def test_rows_join_and_leave_through_relayouts_and_stay_exact():
@@ -222,6 +253,49 @@ def test_stale_nan_cells_never_reach_a_live_row():
     assert torch.isfinite(logits).all()
     for lg, seq in zip(logits, seqs, strict=True):
         torch.testing.assert_close(lg, _reference_last_logits(reference, seq), atol=1e-4, rtol=1e-4)
+
+
+def test_window_moved_back_in_place_leaves_nothing_stale_behind(monkeypatch):
+    """When the window reaches the buffers' end it moves back to column 0 in the same buffers
+    (fresh ones fault their pages in: a stall); the cells it leaves behind, poisoned here,
+    must be written or cleared before any live row reads them. Short-lived rows keep the
+    window narrow, so it moves many times without the buffers growing."""
+    model = _model(CONFIGS["qwen2-bias-gqa"]())
+    reference = _model(CONFIGS["qwen2-bias-gqa"]())
+    lean = LeanDecoder(model)
+    slab = SlabCache(2, 2, 16, torch.float32, torch.device("cpu"), row_quantum=4, col_quantum=16)
+    rng = random.Random(3)
+    rows: list[dict] = []
+    moves = []
+    move = SlabCache._move_window
+    monkeypatch.setattr(
+        SlabCache, "_move_window", lambda self, lead: [moves.append(lead), move(self, lead)]
+    )
+    with torch.inference_mode():
+        _join(lean, slab, [[1, 2, 3]])
+        rows.append({"tokens": [1, 2, 3], "left": 4})
+        buffers = [*slab.keys, *slab.values]
+        for _ in range(80):
+            # Everything outside the live window is garbage from here on.
+            _poison(slab, slice(None), slice(slab.end, None))
+            _poison(slab, slice(slab.rows, None), slice(None))
+            dead = [i for i, r in enumerate(rows) if r["left"] == 0]
+            if dead:
+                rows = [rows[i] for i in slab.remove(dead)]
+            if len(rows) < 3:
+                prompt = [rng.randrange(300) for _ in range(rng.randint(1, 3))]
+                _join(lean, slab, [prompt])
+                rows.append({"tokens": prompt, "left": rng.randint(2, 5)})
+            for r in rows:
+                r["tokens"].append(rng.randrange(300))
+                r["left"] -= 1
+            logits = _step(lean, slab, [r["tokens"] for r in rows])
+            for lg, r in zip(logits, rows, strict=True):
+                torch.testing.assert_close(
+                    lg, _reference_last_logits(reference, r["tokens"]), atol=1e-4, rtol=1e-4
+                )
+        assert all(a is b for a, b in zip([*slab.keys, *slab.values], buffers, strict=True))
+    assert len(moves) >= 3
 
 
 def test_models_it_cannot_reproduce_are_refused_with_a_reason():

@@ -40,7 +40,7 @@ import torch
 
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
 from tunedesk.serve.engines.local.runners import Runner, make_runner
-from tunedesk.serve.engines.local.sampling import SamplingParams, sample
+from tunedesk.serve.engines.local.sampling import SamplingParams, finite_rows, sample
 
 log = logging.getLogger("tunedesk.serve")
 
@@ -361,7 +361,7 @@ class StepBatcher:
         logits = logits.float()
         # A model that produces NaN/inf (diverged fine-tune, corrupted weights) fails its
         # requests with an error instead of streaming garbage.
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        finite = finite_rows(logits)
         if self.vocab < logits.shape[-1]:
             logits[:, self.vocab :] = float("-inf")
         healthy = [i for i, ok in enumerate(finite) if ok]

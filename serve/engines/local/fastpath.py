@@ -154,9 +154,7 @@ class LeanDecoder:
         self.lm_head_b = head.bias
         self.lm_head_t: torch.Tensor | None = None
         self.lm_head = head.weight  # used as is when lm_head_t is None
-        tied = head.weight.untyped_storage().data_ptr() == (
-            self.embed.untyped_storage().data_ptr()
-        )
+        tied = head.weight.untyped_storage().data_ptr() == self.embed.untyped_storage().data_ptr()
         if not tied:
             self.lm_head_t, _ = _fuse_transposed([head], with_bias=False)
         elif head.weight.numel() * head.weight.element_size() <= TIED_HEAD_COPY_LIMIT:

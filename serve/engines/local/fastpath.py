@@ -5,7 +5,7 @@ transformers forward builds masks, cache objects and ~40 module calls per layer;
 the same weights through ~20 tensor ops per layer: fused q/k/v and gate/up projections, RoPE on
 q and k together, `F.rms_norm`, and one `scaled_dot_product_attention` over the batch's
 left-padded cache, written in place (slab.py). On the 2.7M-parameter tiny model, one CPU thread,
-a decode step takes 1.1 / 2.2 / 4.7 ms at batch 1 / 8 / 32 against 1.9 / 3.2 / 6.8 ms for the
+a decode step takes 1.1 / 1.6 / 4.1 ms at batch 1 / 8 / 32 against 1.8 / 3.1 / 6.4 ms for the
 transformers forward (bench/decode_step.py).
 
 The contract is the transformers model's own numbers: `tests/test_serve_fastpath.py` checks

@@ -89,6 +89,10 @@ class Level:
     server_cpu: float | None = None
     """The same for the server's processes (tunedesk: HTTP process and engine process; a
     gateway: the gateway alone); None for a server the driver did not start."""
+    server_ttft_s: list[float] = field(default_factory=list)
+    """Time to first token as the server measured it (tunedesk's access log: from the
+    request reaching the app to the first token), for the requests of this level; empty for
+    a server without such a log. The gap to `ttft_s` is the client's side and the wire."""
 
     def summary(self) -> dict:
         return {
@@ -104,6 +108,9 @@ class Level:
             "latency_p50_ms": _pct(self.latency_s, 50) * 1000,
             "driver_cpu": round(self.driver_cpu, 2),
             "server_cpu": None if self.server_cpu is None else round(self.server_cpu, 2),
+            "server_ttft_p50_ms": (
+                _pct(self.server_ttft_s, 50) * 1000 if self.server_ttft_s else None
+            ),
             "first_error": self.first_error,
         }
 
@@ -408,6 +415,7 @@ async def drive(server: Server, concurrency: int, args: argparse.Namespace) -> L
     # in whichever request's TTFT is being timed: keep them out, for both servers alike.
     gc.collect()
     gc.freeze()
+    log_at = _log_size(server)
     start = time.perf_counter()
     cpu = time.process_time()
     server_cpu = _tree_cpu_s(server)
@@ -420,7 +428,38 @@ async def drive(server: Server, concurrency: int, args: argparse.Namespace) -> L
     if server_cpu is not None and after is not None:
         level.server_cpu = (after - server_cpu) / level.elapsed_s
     await client.close()
+    level.server_ttft_s = _server_ttfts(server, log_at)
     return level
+
+
+def _log_size(server: Server) -> int:
+    try:
+        return server.log.stat().st_size
+    except OSError:
+        return 0
+
+
+def _server_ttfts(server: Server, since: int) -> list[float]:
+    """TTFTs of the streamed chat completions tunedesk's access log recorded after byte
+    `since` of the server's log (one JSON object per line; other servers log no such lines)."""
+    try:
+        with server.log.open("rb") as fh:
+            fh.seek(since)
+            data = fh.read()
+    except OSError:
+        return []
+    out = []
+    for line in data.splitlines():
+        if not line.startswith(b"{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        ttft = record.get("ttft_ms") if isinstance(record, dict) else None
+        if record.get("path") == "/v1/chat/completions" and isinstance(ttft, (int, float)):
+            out.append(ttft / 1000)
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -431,8 +470,13 @@ def _fmt_row(label: str, s: dict) -> str:
         f"| {label:<22} | {s['concurrency']:>3} | {s['requests_ok']:>4} | {s['errors']:>3} "
         f"| {s['req_s']:>7.2f} | {s['out_tok_s']:>8.1f} | {s['tokens_per_req']:>6.1f} "
         f"| {s['ttft_p50_ms']:>8.0f} | {s['ttft_p95_ms']:>8.0f} | {s['latency_p50_ms']:>8.0f} "
-        f"| {s.get('driver_cpu', 0.0):>6.2f} | {_cpu(s.get('server_cpu'))} |"
+        f"| {s.get('driver_cpu', 0.0):>6.2f} | {_cpu(s.get('server_cpu'))} "
+        f"| {_ms(s.get('server_ttft_p50_ms'))} |"
     )
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:>8.0f}" if value is not None else f"{'-':>8}"
 
 
 def _cpu(value: float | None) -> str:
@@ -441,9 +485,9 @@ def _cpu(value: float | None) -> str:
 
 HEADER = (
     "| server                 |   c |   ok | err |   req/s |  out t/s | tok/rq "
-    "| TTFT p50 | TTFT p95 |  lat p50 | driver | server |\n"
+    "| TTFT p50 | TTFT p95 |  lat p50 | driver | server | srv TTFT |\n"
     "|------------------------|----:|-----:|----:|--------:|---------:|-------:"
-    "|---------:|---------:|---------:|-------:|-------:|"
+    "|---------:|---------:|---------:|-------:|-------:|---------:|"
 )
 
 
@@ -531,7 +575,10 @@ _TARGET_TEXT = {
 
 
 def report(results: dict[str, list[dict]], labels: list[str], kind: str = PEER) -> None:
-    print("\nms for TTFT/latency; out t/s = output tokens/s over the level's wall time\n")
+    print(
+        "\nms for TTFT/latency; out t/s = output tokens/s over the level's wall time; "
+        "srv TTFT = tunedesk's own p50 (its access log), the rest of TTFT p50 is the client's\n"
+    )
     print(HEADER)
     for label in labels:
         for s in results.get(label, []):

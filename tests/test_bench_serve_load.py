@@ -108,6 +108,8 @@ def test_driver_runs_against_a_real_server(tiny_base: Path, tmp_path: Path) -> N
         # ignore_eos is sent to tunedesk: every request generates exactly max_tokens.
         assert s["tokens_per_req"] == 8
         assert 0 < s["ttft_p50_ms"] <= s["latency_p50_ms"]
+        # The server's own TTFT, from its access log: part of what the client measured.
+        assert 0 < s["server_ttft_p50_ms"] < s["ttft_p50_ms"]
     assert "| tunedesk" in stdout
 
 

@@ -153,12 +153,14 @@ class LeanDecoder:
         head = model.lm_head
         self.lm_head_b = head.bias
         self.lm_head_t: torch.Tensor | None = None
-        self.lm_head = head.weight  # used as is when lm_head_t is None
         tied = head.weight.untyped_storage().data_ptr() == self.embed.untyped_storage().data_ptr()
         if not tied:
             self.lm_head_t, _ = _fuse_transposed([head], with_bias=False)
         elif head.weight.numel() * head.weight.element_size() <= TIED_HEAD_COPY_LIMIT:
             self.lm_head_t = head.weight.detach().t().contiguous()
+        # Read after fusing: a view of lm_head_t then, never a second copy. Multiplied as is
+        # only when lm_head_t is None.
+        self.lm_head = head.weight
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp

@@ -439,3 +439,27 @@ def test_train_embeddings_trains_the_tied_embeddings_and_merges(tiny_base, prepa
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert torch.equal(merged.get_input_embeddings().weight, trained)
     assert torch.equal(merged.get_output_embeddings().weight, trained)  # still one matrix
+
+
+def test_a_stop_signal_only_sets_a_flag(caplog):
+    """The handler runs between any two bytecodes of the trainer, the import machinery's
+    included: anything more than a flag (it used to log, and the console handler imports
+    tqdm lazily) failed a job cancelled while its modules were loading, with a
+    circular-import ImportError, instead of ending it cancelled."""
+    import logging
+
+    from tunedesk.train.loop import _StopRequest
+
+    stop = _StopRequest()
+    stop.install()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # delivered at the next bytecode boundary
+                if stop.requested:
+                    break
+        assert stop.requested
+        assert caplog.records == []
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle

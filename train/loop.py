@@ -490,6 +490,7 @@ def _train(
     )
     window = state["window"]
     if stop.requested:  # cancelled while loading: nothing new to save
+        log.warning("stop requested while loading: stopping")
         status = "cancelled"
     try:
         for epoch, batch_index, batch in batcher.iter_from(state["epoch"], state["batch_index"]):
@@ -592,6 +593,7 @@ def _train(
                     {"step": step, "checkpoint": str(ckpt_root / f"step-{step}")},
                 )
             if cancel:
+                log.warning("stop requested: stopped after step %d", step)
                 status = "cancelled"
                 event("info", "message", f"Cancelled at step {step}/{total_steps}", {"step": step})
                 break
@@ -788,10 +790,13 @@ class _StopRequest:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # Only a flag, no logging: a handler runs between any two bytecodes of the main
+        # thread, the import machinery's included, and the console log handler imports tqdm
+        # lazily. A job cancelled while its modules were still loading failed with a
+        # circular-import ImportError instead of ending cancelled.
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("stop requested (signal %d): stopping after this step", signum)
 
     def install(self) -> None:
         import threading

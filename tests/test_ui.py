@@ -92,10 +92,15 @@ def test_stop_button_aborts_generation_on_the_server(servers):
     with chromium_page() as page:
         page.goto(url)
         page.get_by_text("System prompt and sampling").click()
-        # The tiny model answers this greedily with all 1024 tokens: about two seconds in the
-        # engine process. Stop as soon as the server is generating, not when the browser has
-        # drawn the first words (that can take longer than the whole answer).
-        page.get_by_label("Max tokens", exact=False).first.fill("1024")
+        # The tiny model answers this greedily with as many tokens as its context leaves (2,000
+        # of 2,048): 2-3 seconds in the engine process (1,024 took 1.6 s once decoding got
+        # faster, and the answer could end before the stop reached the server). Stop as soon as
+        # the server is generating, not when the browser has drawn the first words (that can
+        # take longer than the whole answer).
+        max_tokens = page.get_by_label("Max tokens", exact=False).first
+        max_tokens.fill("2000")
+        max_tokens.blur()  # Gradio clamps a typed value to the slider's range on blur
+        assert max_tokens.input_value() == "2000"
         _ask(page, "请详细介绍一下基金定投")
         deadline = time.time() + 60
         while metric(httpx.get(f"{api.url}/metrics").text, "tunedesk_running_sequences") < 1:

@@ -133,7 +133,7 @@ def build_app(
         with gr.Accordion("System prompt and sampling", open=False):
             system = gr.Textbox(label="System prompt", lines=2, elem_id="td-system")
             with gr.Row():
-                max_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max tokens")
+                max_tokens = gr.Slider(16, 4096, value=256, step=16, label="Max tokens")
                 temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature")
         chatbot = gr.Chatbot(
             label="Conversation",

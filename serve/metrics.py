@@ -77,6 +77,13 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.upstream_ejections = Counter(
+            "tunedesk_upstream_ejections",
+            "Upstream replicas taken out of rotation for a while after answering several "
+            "requests in a row with a 5xx.",
+            ["upstream"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "tunedesk_queue_depth", "Sequences admitted but waiting for a batch slot.", registry=r
         )

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
-from test_serve_support import build_tiny, cache_root, metric, serve, sse_events
+from test_serve_support import build_tiny, cache_root, metric, nan_model, serve, sse_events
 
 from tunedesk.serve.app import create_app
 from tunedesk.serve.engines.factory import build_engine
@@ -234,6 +234,38 @@ def test_replicas_share_the_load_and_one_that_is_down_is_skipped(pytestconfig, t
             )
             assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
             assert "No upstream server is reachable (2 tried)" in r.json()["error"]["message"]
+
+
+def test_a_replica_whose_engine_fails_every_request_is_taken_out_of_rotation(
+    pytestconfig, tmp_path_factory
+):
+    """Two real replicas serve "tiny"; one's weights make NaN, so its engine fails every
+    request with a 500 while its HTTP server stays up (connections and /ready can't tell).
+    Its 500s are passed on until it has answered 5 in a row, then it is out of rotation."""
+    tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
+    good, sick = ModelRegistry(), ModelRegistry()
+    good.register("tiny", str(tiny))
+    sick.register("tiny", str(nan_model(tiny, tmp_path_factory.mktemp("sick") / "nan")))
+    one = ServeSettings(max_running=4, cpu_threads=1)
+    with serve(one, good) as r1, serve(one, sick) as r2:
+        settings = ServeSettings(engine="upstream", upstream_url=[r1.base_url, r2.base_url])
+        engine = build_engine(settings, ModelRegistry())
+        with serve(settings, ModelRegistry(), engine=engine) as gateway:
+            statuses = []
+            for _ in range(20):  # one at a time: with nothing in flight, replicas take turns
+                r = httpx.post(
+                    f"{gateway.base_url}/chat/completions",
+                    json={"model": "tiny", "messages": MSG, "max_tokens": 2},
+                    timeout=60,
+                )
+                statuses.append(r.status_code)
+                if r.status_code == 500:
+                    assert "non-finite" in r.json()["error"]["message"]  # the replica's own
+            assert statuses.count(500) == 5 and statuses[-10:] == [200] * 10, statuses
+            text = httpx.get(f"{gateway.url}/metrics").text
+            sick_url = r2.base_url.removesuffix("/v1")
+            assert metric(text, "tunedesk_upstream_ejections_total", upstream=sick_url) == 1
+            assert engine.pool.upstreams[1].last_error.startswith("answered 500")
 
 
 def test_a_replica_that_accepts_no_connection_in_time_is_skipped(servers):

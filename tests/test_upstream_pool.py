@@ -47,3 +47,23 @@ def test_when_every_replica_is_down_the_first_to_come_back_is_tried():
     assert pool.pick() is b
     pool.mark_up(b)
     assert pool.is_up(b) and b.last_error == ""
+
+
+def test_a_replica_answering_5xx_again_and_again_is_ejected_then_on_probation():
+    clock = Clock()
+    pool = UpstreamPool(["http://a:1", "http://b:2"], down_for_s=5.0, clock=clock, eject_after=3)
+    a, b = pool.upstreams
+    # Errors broken by a good answer don't add up.
+    assert [pool.answered(a, s) for s in (500, 503, 200, 502, 500)] == [False] * 5
+    assert pool.answered(a, 504) is True  # third 5xx in a row
+    assert a.last_error.startswith("answered 504") and pool.is_up(a)  # reachable, yet out
+    assert all(pool.pick() is b for _ in range(4))
+    assert pool.pick(exclude=[b]) is a  # the only one left untried: tried anyway
+    # 4xx is the client's doing, not the replica's.
+    assert [pool.answered(b, 429) for _ in range(5)] == [False] * 5
+    clock.now += 5.0
+    assert {pool.pick().url for _ in range(2)} == {a.url, b.url}  # back in rotation
+    assert pool.answered(a, 500) is True  # on probation: one more 5xx ejects it again
+    clock.now += 5.0
+    assert pool.answered(a, 200) is False and a.failures_in_a_row == 0  # a good answer clears it
+    assert [pool.answered(a, 500) for _ in range(3)] == [False, False, True]

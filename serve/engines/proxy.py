@@ -175,6 +175,9 @@ class ProxyEngine(Engine):
     async def _forward(self, method: str, path: str, call: ApiCall[Any]) -> Response:
         body, strip_usage = self._upstream_body(call) if method == "POST" else (None, False)
         replica, upstream = await self._open(method, path, call, body)
+        if self.pool.answered(replica, upstream.status):
+            self.metrics.upstream_ejections.labels(replica.url).inc()
+            log.warning("upstream %s ejected: %s", replica.url, replica.last_error)
         released = False
 
         def release() -> None:  # the request's place on the replica, once its answer is done

@@ -59,6 +59,8 @@ def test_a_replica_answering_5xx_again_and_again_is_ejected_then_on_probation():
     assert a.last_error.startswith("answered 504") and pool.is_up(a)  # reachable, yet out
     assert all(pool.pick() is b for _ in range(4))
     assert pool.pick(exclude=[b]) is a  # the only one left untried: tried anyway
+    pool.mark_up(a)  # it accepted a connection: still ejected, and still says why
+    assert pool.pick() is b and a.last_error.startswith("answered 504")
     # 4xx is the client's doing, not the replica's.
     assert [pool.answered(b, 429) for _ in range(5)] == [False] * 5
     clock.now += 5.0

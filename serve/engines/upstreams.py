@@ -79,8 +79,10 @@ class UpstreamPool:
         upstream.last_error = why
 
     def mark_up(self, upstream: Upstream) -> None:
+        """Reachable again (a connection or a probe answered): an ejection still stands."""
         upstream.down_until = 0.0
-        upstream.last_error = ""
+        if upstream.ejected_until <= self.clock():
+            upstream.last_error = ""
 
     def is_up(self, upstream: Upstream) -> bool:
         return upstream.down_until <= self.clock()

@@ -319,5 +319,21 @@ class EngineProcess:
         for seq, out in pairs:
             assert seq.sink is not None
             by_sink.setdefault(seq.sink, []).append(out)
-        # Nobody waits on this hand-off: the child steps on without the event loop.
-        deliver_outputs(by_sink, Handoff())
+        deliver_outputs(by_sink, _UNWAITED)
+
+
+class _Unwaited(Handoff):
+    """The hand-off of outputs nobody waits on: the child steps on without the event loop, so
+    no `threading.Event` per step (a Handoff builds one)."""
+
+    def __init__(self) -> None:
+        pass
+
+    def expect(self, n: int) -> None:
+        pass
+
+    def ack(self) -> None:
+        pass
+
+
+_UNWAITED = _Unwaited()

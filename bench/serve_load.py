@@ -440,8 +440,8 @@ def _log_size(server: Server) -> int:
 
 
 def _server_ttfts(server: Server, since: int) -> list[float]:
-    """TTFTs of the streamed chat completions tunedesk's access log recorded after byte
-    `since` of the server's log (one JSON object per line; other servers log no such lines)."""
+    """TTFTs of the chat completions tunedesk's access log recorded after byte `since` of
+    the server's log (one JSON object per line; other servers log no such lines)."""
     try:
         with server.log.open("rb") as fh:
             fh.seek(since)
@@ -456,7 +456,9 @@ def _server_ttfts(server: Server, since: int) -> list[float]:
             record = json.loads(line)
         except ValueError:
             continue
-        ttft = record.get("ttft_ms") if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            continue
+        ttft = record.get("ttft_ms")
         if record.get("path") == "/v1/chat/completions" and isinstance(ttft, (int, float)):
             out.append(ttft / 1000)
     return out

@@ -89,6 +89,23 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
 
 
 @pytest.mark.slow
+def test_server_ttfts_come_from_the_access_log_lines_after_the_level_began(tmp_path):
+    sl = _load()
+    log = tmp_path / "server.log"
+    before = b'{"path": "/v1/chat/completions", "ttft_ms": 99.0}\n'
+    log.write_bytes(
+        before
+        + b"INFO: uvicorn says hello\n[1, 2]\n{not json\n"
+        + b'{"path": "/v1/chat/completions", "ttft_ms": 12.5}\n'
+        + b'{"path": "/ready", "ttft_ms": null}\n'
+        + b'{"path": "/v1/chat/completions", "ttft_ms": null, "error": "bad_request"}\n'
+        + b'{"path": "/v1/chat/completions", "ttft_ms": 7}\n'
+    )
+    server = sl.Server("tunedesk", [], {}, "m", "/ready", 1, log)
+    assert sl._server_ttfts(server, len(before)) == [0.0125, 0.007]
+    assert sl._server_ttfts(sl.Server("peer", [], {}, "m", "/", 1, tmp_path / "none"), 0) == []
+
+
 def test_driver_runs_against_a_real_server(tiny_base: Path, tmp_path: Path) -> None:
     stdout, data = _run_bench(
         tmp_path,

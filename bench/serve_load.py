@@ -20,7 +20,9 @@ Each server runs as a subprocess on 127.0.0.1 (its own process group, killed at 
 on error), is polled until ready and warmed up, then driven with the official AsyncOpenAI
 client: streaming chat completions, temperature 0, `max_tokens` (default 64), `ignore_eos`
 sent to tunedesk and vLLM (`transformers serve` answers 422 to it, so it is not sent there: it
-may stop early on eos; the table shows mean output tokens per request). Output tokens come from the final usage chunk (stream_options include_usage),
+may stop early on eos; the table shows mean output tokens per request). `--client-transport
+aiohttp` gives the client the SDK's aiohttp transport (`openai.DefaultAioHttpClient`) instead
+of its default httpx one: the same client code, ~25% less of the driver's CPU per token. Output tokens come from the final usage chunk (stream_options include_usage),
 or from counting content chunks when a server sends no usage. Per concurrency level: req/s,
 output tok/s, TTFT p50/p95, latency p50; then tunedesk/peer ratios.
 
@@ -372,6 +374,16 @@ async def _one(client, server: Server, max_tokens: int, i: int, level: Level) ->
     level.latency_s.append(time.perf_counter() - start)
 
 
+def _http_client(transport: str):
+    """The openai client's HTTP layer: its default (httpx), or its aiohttp transport
+    (`openai.DefaultAioHttpClient`, the SDK's own option), which reads a stream for less CPU."""
+    if transport == "aiohttp":
+        from openai import DefaultAioHttpClient
+
+        return DefaultAioHttpClient()
+    return None
+
+
 def _tree_cpu_s(server: Server) -> float | None:
     """CPU seconds (user + system) used so far by the server process and its descendants."""
     import psutil
@@ -399,6 +411,7 @@ async def drive(server: Server, concurrency: int, args: argparse.Namespace) -> L
         api_key="bench",
         max_retries=0,
         timeout=args.request_timeout,
+        http_client=_http_client(args.client_transport),
         # Enough pooled connections for the level; the default pool (100) is fine up to 100.
     )
     counter = iter(range(args.requests))
@@ -790,6 +803,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="paired runs (tunedesk, then the peer) one after the other; with more than one, "
         "also the median ratios, their range and in how many runs each target was met",
+    )
+    p.add_argument(
+        "--client-transport",
+        choices=["httpx", "aiohttp"],
+        default="httpx",
+        help="the openai client's HTTP transport (both servers alike): httpx, its default, or "
+        "aiohttp (openai.DefaultAioHttpClient)",
     )
     p.add_argument("--json-out", default=None, help="also write the results as JSON")
     return p.parse_args(argv)

@@ -117,7 +117,10 @@ def test_driver_runs_against_a_real_server(tiny_base: Path, tmp_path: Path) -> N
         "--concurrency",
         "1",
         "3",
+        "--client-transport",
+        "aiohttp",  # the gateway test below drives through the default, httpx
     )
+    assert data["args"]["client_transport"] == "aiohttp"
     levels = data["results"]["tunedesk"]
     assert [s["concurrency"] for s in levels] == [1, 3]
     for s in levels:

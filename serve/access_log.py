@@ -82,6 +82,8 @@ class AccessLogMiddleware:
             "latency_ms": round(elapsed * 1000, 1),
             "ttft_ms": ctx.ttft_ms,
         }
+        if ctx.cached_tokens:
+            record["cached_tokens"] = ctx.cached_tokens
         if ctx.finish_reasons:
             record["finish_reasons"] = ctx.finish_reasons
         if ctx.error_code:

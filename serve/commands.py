@@ -29,6 +29,7 @@ _DIRECT = {
     "cpu_threads": "cpu_threads",
     "engine_process": "engine_process",
     "prefill_batch_tokens": "prefill_batch_tokens",
+    "prefix_cache_mb": "prefix_cache_mb",
     "tensor_parallel_size": "tensor_parallel_size",
     "finetune": "finetune",
     "finetune_max_jobs": "finetune_max_jobs",
@@ -114,6 +115,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="transformers engine: prompt tokens prefilled together per step (default 256)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=None,
+        help="transformers engine: memory for cached prompt prefixes, e.g. a shared system "
+        "prompt (default 256; 0: off)",
     )
     p.add_argument(
         "--engine-process",

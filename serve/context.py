@@ -15,6 +15,8 @@ class RequestContext:
     key_name: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    """Prompt tokens the prefix cache supplied (transformers engine)."""
     first_token_at: float | None = None
     finish_reasons: list[str] | None = None
     error_code: str | None = None

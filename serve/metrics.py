@@ -57,6 +57,12 @@ class Metrics:
         self.completion_tokens = Counter(
             "tunedesk_completion_tokens", "Completion tokens generated.", ["model"], registry=r
         )
+        self.cached_prompt_tokens = Counter(
+            "tunedesk_cached_prompt_tokens",
+            "Prompt tokens the prefix cache supplied instead of a prefill.",
+            ["model"],
+            registry=r,
+        )
         self.aborted = Counter(
             "tunedesk_aborted_requests",
             "Requests whose generation was stopped because the client went away.",

@@ -91,6 +91,11 @@ class ServeSettings(BaseSettings):
     """Most prompt tokens prefilled together in one step. A burst of requests is taken in
     groups of about this many tokens between decode steps, so the first of them stream sooner
     than if the whole burst were prefilled at once (a longer prompt still goes alone)."""
+    prefix_cache_mb: int = Field(default=256, ge=0)
+    """Memory for the keys and values of prompt prefixes seen before (a shared system prompt,
+    a conversation's earlier turns), so prompts starting the same way skip prefilling them.
+    Least recently used blocks go first; 0 turns it off. Llama-family models (the lean
+    forward) only."""
     engine_process: bool = True
     """Run each model's generation loop in its own process, so HTTP work and the model use
     separate cores instead of taking turns on one interpreter lock (off: a thread in the

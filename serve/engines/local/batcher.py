@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import torch
 
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
+from tunedesk.serve.engines.local.prefix_cache import Block
 from tunedesk.serve.engines.local.runners import Runner, make_runner
 from tunedesk.serve.engines.local.sampling import SamplingParams, finite_rows, sample
 
@@ -59,6 +60,9 @@ class SeqOutput:
     error: str | None = None
     at: float = field(default_factory=time.perf_counter)
     """When the worker produced it (per-token latency is measured here, not on arrival)."""
+    cached: int = 0
+    """On a sequence's first output: how many of its prompt tokens came from the prefix
+    cache instead of being prefilled."""
 
 
 @dataclass(eq=False)
@@ -80,6 +84,8 @@ class Sequence:
     stops: StopMatcher | None = None
     generator: torch.Generator | None = None
     done: bool = False
+    cached: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache."""
 
 
 class EngineDead(RuntimeError):
@@ -124,9 +130,12 @@ class StepBatcher:
         handoff_timeout_s: float = 0.02,
         lean: bool = True,
         on_outputs: Callable[[list[tuple[int, SeqOutput]]], None] | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         """`on_outputs`, if given, receives each step's (sequence id, output) pairs on the
-        worker thread, and the worker does not wait for them to be consumed."""
+        worker thread, and the worker does not wait for them to be consumed.
+        `prefix_cache_bytes`: keys and values of prompt prefixes kept for reuse (lean runner
+        only; 0: none)."""
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(stop_ids)
@@ -147,7 +156,7 @@ class StepBatcher:
         self._aborts: set[int] = set()
         self._cv = threading.Condition()
         self._stopping = False
-        self._runner: Runner = make_runner(model, lean=lean)
+        self._runner: Runner = make_runner(model, lean=lean, prefix_cache_bytes=prefix_cache_bytes)
         self._out: list[tuple[Sequence, SeqOutput]] = []
         self.fatal: BaseException | None = None
         self._inline = False
@@ -282,6 +291,8 @@ class StepBatcher:
                 self._runner.decode(ids[:, -1:], positions[:, -1:] + 1)
         finally:
             self._runner.reset()
+            if self._runner.prefix_cache is not None:
+                self._runner.prefix_cache.clear()  # the warm-up's padding is no one's prefix
             self._warmed.set()
 
     def _fail_everyone(self, message: str) -> None:
@@ -315,17 +326,34 @@ class StepBatcher:
             self._rows = [self._rows[i] for i in order]
 
     def _prefill(self, group: list[Sequence]) -> None:
-        width = max(len(s.prompt) for s in group)
+        cache = self._runner.prefix_cache
+        if cache is None:
+            self._prefill_rows(group, None)
+            return
+        # One forward per cached-prefix length: the rows of a forward share the prefix's width.
+        by_length: dict[int, list[tuple[Sequence, list[Block]]]] = {}
+        for s in group:
+            chain = cache.match(s.prompt)
+            s.cached = len(chain) * cache.block_size
+            by_length.setdefault(len(chain), []).append((s, chain))
+        for pairs in by_length.values():
+            self._prefill_rows([s for s, _ in pairs], [chain for _, chain in pairs])
+
+    def _prefill_rows(self, group: list[Sequence], chains: list[list[Block]] | None) -> None:
+        cached = group[0].cached if chains else 0
+        width = max(len(s.prompt) - cached for s in group)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for i, s in enumerate(group):
-            ids[i, width - len(s.prompt) :] = torch.tensor(s.prompt, dtype=torch.long)
-            mask[i, width - len(s.prompt) :] = 1
+            rest = s.prompt[cached:]
+            ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            mask[i, width - len(rest) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        # Padding positions get position 0; they are masked out and never attended to.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Padding positions get the first real position; they are masked out and never
+        # attended to. Real tokens continue from the cached prefix.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + cached
         try:
-            logits = self._runner.prefill(ids, mask, positions)
+            logits = self._runner.prefill(ids, mask, positions, chains)
         except Exception as exc:
             log.exception("prefill failed on %s", self.name)
             for s in group:
@@ -414,7 +442,8 @@ class StepBatcher:
                 text += s.stops.flush()
         if finish is not None:
             s.done = True
-        self._emit(s, SeqOutput(s.index, text, 1, finish))
+        cached = s.cached if len(s.generated) == 1 else 0
+        self._emit(s, SeqOutput(s.index, text, 1, finish, cached=cached))
 
     def _fail(self, s: Sequence, message: str) -> None:
         s.done = True

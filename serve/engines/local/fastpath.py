@@ -214,10 +214,19 @@ class LeanDecoder:
         return _mm(last, self.lm_head_t, self.lm_head_b)
 
     def prefill(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, LeanCache]:
         """Left-padded prompts ([B, W] ids, positions and mask, 1 = real token) -> logits of
-        each row's last position ([B, V]) and the prompts' cache."""
+        each row's last position ([B, V]) and the prompts' cache.
+
+        With `past` (per layer, keys and values [B, kv_heads, P, d] of a cached prefix of P
+        tokens for every row), ids are the rest of each prompt, positions start at P, every
+        token also attends to the whole prefix, and the cache returned is [prefix, rest]
+        ([B, kv_heads, P + W, d]: a row's left padding sits between the two)."""
         seq = ids.shape[1]
         h = F.embedding(ids, self.embed)
         cos, sin = self.rotary(h, positions)
@@ -227,10 +236,17 @@ class LeanDecoder:
         # in a padded position's value poisons every row that multiplies it by a zero weight.
         own = torch.eye(seq, dtype=torch.bool, device=ids.device)
         attn_mask = (causal & mask.bool()[:, None, None, :]) | own
+        if past is not None:
+            prefix = past[0][0].shape[2]
+            seen = torch.ones(ids.shape[0], 1, seq, prefix, dtype=torch.bool, device=ids.device)
+            attn_mask = torch.cat([seen, attn_mask.expand(ids.shape[0], 1, seq, seq)], dim=-1)
         layers_kv: list[LayerKV] = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             q, k, v = self._attention_inputs(layer, h, cos, sin)
-            k, v = k.contiguous(), v.contiguous()
+            if past is None:
+                k, v = k.contiguous(), v.contiguous()
+            else:
+                k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
             layers_kv.append(LayerKV(k, v))
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, scale=self.scaling, enable_gqa=True

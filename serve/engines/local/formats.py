@@ -52,16 +52,29 @@ class ChunkTemplate:
 class Choices:
     """Accumulates text and finish reasons per choice index."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, prompt_of: list[int] | None = None) -> None:
         self.texts = [""] * n
         self.finish: list[str | None] = [None] * n
         self.tokens = 0
+        self.cached = [0] * n
+        self._prompt_of = prompt_of or [0] * n
+        """Which of the request's prompts each choice continues (several for completions)."""
 
     def add(self, out: SeqOutput) -> None:
         self.texts[out.index] += out.text
         self.tokens += out.tokens
+        if out.cached:
+            self.cached[out.index] = out.cached
         if out.finish_reason is not None:
             self.finish[out.index] = out.finish_reason
+
+    def cached_tokens(self) -> int:
+        """Cached prompt tokens, once per prompt as `prompt_tokens` counts them (n choices of
+        one prompt were prefilled side by side, and only one may have found it cached)."""
+        best: dict[int, int] = {}
+        for prompt, cached in zip(self._prompt_of, self.cached, strict=True):
+            best[prompt] = max(best.get(prompt, 0), cached)
+        return sum(best.values())
 
 
 class ChatFormat:

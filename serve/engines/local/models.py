@@ -130,6 +130,7 @@ def load_model(spec: ModelSpec, settings: ServeSettings) -> LoadedModel:
         stop_ids=tuple(stop_ids),
         context_len=context_len,
         prefill_batch_tokens=settings.prefill_batch_tokens,
+        prefix_cache_bytes=settings.prefix_cache_mb << 20,
     )
     batcher: StepBatcher | EngineProcess
     if settings.engine_process:
@@ -146,6 +147,7 @@ def load_model(spec: ModelSpec, settings: ServeSettings) -> LoadedModel:
             name=spec.name,
             cpu_threads=engine.cpu_threads,
             prefill_token_budget=settings.prefill_batch_tokens,
+            prefix_cache_bytes=engine.prefix_cache_bytes,
         )
         batcher.start()
     log.info(

@@ -63,6 +63,7 @@ class EngineSpec:
     context_len: int
     prefill_batch_tokens: int = 256
     lean: bool = True
+    prefix_cache_bytes: int = 0
 
 
 # --------------------------------------------------------------------------- child side
@@ -90,10 +91,14 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
             cpu_threads=spec.cpu_threads,
             prefill_token_budget=spec.prefill_batch_tokens,
             lean=spec.lean,
+            prefix_cache_bytes=spec.prefix_cache_bytes,
             on_outputs=lambda pairs: send(
                 (
                     "out",
-                    [(sid, o.text, o.tokens, o.finish_reason, o.error, o.at) for sid, o in pairs],
+                    [
+                        (sid, o.text, o.tokens, o.finish_reason, o.error, o.at, o.cached)
+                        for sid, o in pairs
+                    ],
                 )
             ),
         )
@@ -304,13 +309,13 @@ class EngineProcess:
 
     def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
         pairs: list[tuple[Sequence, SeqOutput]] = []
-        for sid, text, tokens, finish, error, at in items:
+        for sid, text, tokens, finish, error, at, cached in items:
             seq = self._seqs.get(sid)
             if seq is None:
                 continue  # aborted meanwhile
             if finish is not None or error is not None:
                 del self._seqs[sid]
-            pairs.append((seq, SeqOutput(seq.index, text, tokens, finish, error, at)))
+            pairs.append((seq, SeqOutput(seq.index, text, tokens, finish, error, at, cached)))
         self._deliver_pairs(pairs)
 
     @staticmethod

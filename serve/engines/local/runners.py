@@ -8,6 +8,10 @@ Two runners behind one small interface:
 
 Rows are appended by `prefill` and dropped by `remove`, which returns the surviving rows' old
 indices in their new order (the lean cache fills holes by moving the last rows).
+
+The lean runner may also keep a prefix cache (prefix_cache.py): the batcher matches each prompt
+against it and hands `prefill` the rest of the prompts with their matched blocks; the runner
+stores every prompt's new whole blocks after the forward.
 """
 
 from __future__ import annotations
@@ -20,20 +24,28 @@ from transformers import DynamicCache
 
 from tunedesk.serve.engines.local.fastpath import LeanDecoder, unsupported_reason
 from tunedesk.serve.engines.local.kv import BatchCache, check_supported
+from tunedesk.serve.engines.local.prefix_cache import Block, PrefixCache, gather
 
 log = logging.getLogger("tunedesk.serve")
 
 
 class Runner(Protocol):
     name: str
+    prefix_cache: PrefixCache | None
 
     @property
     def rows(self) -> int: ...
 
     def prefill(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        prefixes: list[list[Block]] | None = None,
     ) -> torch.Tensor:
-        """Left-padded prompts [n, W] -> next-token logits [n, V]; their rows join the batch."""
+        """Left-padded prompts [n, W] -> next-token logits [n, V]; their rows join the batch.
+        With `prefixes` (only where `prefix_cache` is set): each row's cached blocks, all of
+        the same length P, and ids/mask/positions are the rest of the prompts."""
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row [B, 1] -> next-token logits [B, V]."""
@@ -47,20 +59,56 @@ class Runner(Protocol):
 class LeanRunner:
     name = "lean"
 
-    def __init__(self, decoder: LeanDecoder, device: torch.device) -> None:
+    def __init__(
+        self, decoder: LeanDecoder, device: torch.device, prefix_cache: PrefixCache | None = None
+    ) -> None:
         self.decoder = decoder
         self.slab = decoder.new_slab(device)
+        self.prefix_cache = prefix_cache
 
     @property
     def rows(self) -> int:
         return self.slab.rows
 
     def prefill(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        prefixes: list[list[Block]] | None = None,
     ) -> torch.Tensor:
-        logits, cache = self.decoder.prefill(ids, positions, mask)
-        self.slab.join(cache, mask)
+        past = gather(prefixes) if prefixes and prefixes[0] else None
+        logits, cache = self.decoder.prefill(ids, positions, mask, past)
+        if past is not None:
+            seen = mask.new_ones((mask.shape[0], past[0][0].shape[2]))
+            self.slab.join(cache, torch.cat([seen, mask], dim=1))
+        else:
+            self.slab.join(cache, mask)
+        if self.prefix_cache is not None:
+            self._store(ids, mask, cache, prefixes or [[] for _ in range(ids.shape[0])])
         return logits
+
+    def _store(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, prefixes: list[list[Block]]
+    ) -> None:
+        pc = self.prefix_cache
+        assert pc is not None
+        width, bs = ids.shape[1], pc.block_size
+        for row, (real, chain) in enumerate(zip(mask.bool(), prefixes, strict=True)):
+            rest = ids[row][real].tolist()
+            cached = len(chain) * bs
+            new_blocks = (cached + len(rest)) // bs - len(chain)
+            if new_blocks <= 0:
+                continue
+            # The row's tokens after its prefix sit right-aligned after the prefix columns.
+            start = cached + width - len(rest)
+            end = start + new_blocks * bs
+            kv = torch.stack(
+                [torch.stack((kv.keys[row, :, start:end], kv.values[row, :, start:end]))
+                 for kv in cache.layers]
+            )  # fmt: skip
+            prompt = [t for b in chain for t in b.tokens] + rest
+            pc.store(prompt, chain, kv)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode(ids, positions, self.slab)
@@ -75,6 +123,8 @@ class LeanRunner:
 class TransformersRunner:
     name = "transformers"
 
+    prefix_cache = None  # its DynamicCache path has no prefill over cached keys
+
     def __init__(self, model: Any) -> None:
         self.model = model
         self.cache = BatchCache()
@@ -84,8 +134,14 @@ class TransformersRunner:
         return self.cache.rows
 
     def prefill(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        prefixes: list[list[Block]] | None = None,
     ) -> torch.Tensor:
+        if prefixes and prefixes[0]:
+            raise ValueError("the transformers runner keeps no prefix cache")
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=ids,
@@ -120,11 +176,13 @@ class TransformersRunner:
         self.cache.reset()
 
 
-def make_runner(model: Any, lean: bool = True) -> Runner:
-    """The lean runner where it reproduces the model exactly, else the transformers one."""
+def make_runner(model: Any, lean: bool = True, prefix_cache_bytes: int = 0) -> Runner:
+    """The lean runner where it reproduces the model exactly, else the transformers one. A
+    prefix cache (lean only) of up to `prefix_cache_bytes`, none at 0."""
     if lean:
         reason = unsupported_reason(model)
         if reason is None:
-            return LeanRunner(LeanDecoder(model), model.device)
+            cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+            return LeanRunner(LeanDecoder(model), model.device, cache)
         log.info("serving %s with the transformers forward: %s", model.config.model_type, reason)
     return TransformersRunner(model)

@@ -30,6 +30,7 @@ from tunedesk.serve.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    PromptTokensDetails,
     Usage,
 )
 from tunedesk.serve.settings import ServeSettings
@@ -254,7 +255,8 @@ class LocalServing:
         ctx.add_tokens(prompt=prompt_tokens)
         self.metrics.prompt_tokens.labels(name).inc(prompt_tokens)
         timing = _Timing(self.metrics, name, ctx, len(jobs))
-        choices = Choices(len(jobs))
+        prompts: dict[int, int] = {}  # a prompt's jobs share its token list
+        choices = Choices(len(jobs), [prompts.setdefault(id(p), len(prompts)) for p, _ in jobs])
         if stream:
             response = ManagedStreamingResponse(
                 self._stream(gen, fmt, timing, choices, prompt_tokens)
@@ -270,11 +272,7 @@ class LocalServing:
             raise
         finally:
             self._close(gen, ctx, name, completed=gen.finished)
-        usage = Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=choices.tokens,
-            total_tokens=prompt_tokens + choices.tokens,
-        )
+        usage = self._usage(name, prompt_tokens, choices)
         self._finish_ctx(ctx, choices)
         return JSONResponse(fmt.response(choices, usage).model_dump(mode="json"))
 
@@ -300,11 +298,7 @@ class LocalServing:
                 data = fmt.pieces(outs)
                 if data:
                     yield data
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=choices.tokens,
-                total_tokens=prompt_tokens + choices.tokens,
-            )
+            usage = self._usage(timing.model, prompt_tokens, choices)
             if fmt.include_usage:  # a last chunk with the usage and no choices
                 yield fmt.usage(usage)
             yield DONE
@@ -320,6 +314,17 @@ class LocalServing:
             self._close(gen, ctx, timing.model, completed=gen.finished)
             self._finish_ctx(ctx, choices)
 
+    def _usage(self, model: str, prompt_tokens: int, choices: Choices) -> Usage:
+        cached = choices.cached_tokens()
+        if cached:
+            self.metrics.cached_prompt_tokens.labels(model).inc(cached)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=choices.tokens,
+            total_tokens=prompt_tokens + choices.tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
+
     def _close(self, gen: Generation, ctx: RequestContext, model: str, completed: bool) -> None:
         # Sequences still open here were abandoned: the client left (or a sibling failed).
         if gen.close() and not completed and ctx.error_code is None:
@@ -329,5 +334,6 @@ class LocalServing:
     @staticmethod
     def _finish_ctx(ctx: RequestContext, choices: Choices) -> None:
         ctx.finish_reasons = [f or "aborted" for f in choices.finish]
+        ctx.cached_tokens = choices.cached_tokens()
         if ctx.content is not None:
             ctx.content["output"] = choices.texts

@@ -683,7 +683,9 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.engine == "upstream":
         upstream = build_upstream(args, model, log_dir)
         # Measured directly and through the gateway; started once (if it is ours) for both.
-        servers = [build_gateway(args, upstream, log_dir), replace(upstream, owned=False)]
+        servers = [build_gateway(args, upstream, log_dir)]
+        if not args.no_peer:  # --no-peer: the gateway alone
+            servers.append(replace(upstream, owned=False))
     else:
         servers = build_servers(args, model, log_dir)
     print(f"model {model}; logs in {log_dir}; {args.requests} requests per level, "
@@ -785,7 +787,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-running", type=int, default=None, help="tunedesk --max-running (its default 64)"
     )
     p.add_argument("--peer-cb-max-batch-tokens", type=int, default=None)
-    p.add_argument("--no-peer", action="store_true", help="benchmark tunedesk only")
+    p.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="benchmark tunedesk only (with --engine upstream: the gateway, not the upstream "
+        "directly)",
+    )
     p.add_argument("--vllm-bin", default="vllm", help="vllm executable for the direct peer")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG")
     p.add_argument("--tensor-parallel-size", type=int, default=None)

@@ -708,7 +708,8 @@ async def _run_all(
         print(f"\n== upstream: {' '.join(upstream.argv)}", flush=True)
         start(upstream)
         await wait_ready(upstream, args.startup_timeout)
-        servers[1].proc = upstream.proc  # its CPU is measured; it is stopped at the very end
+        for server in servers[1:]:  # measured directly too: its CPU counts; stopped at the end
+            server.proc = upstream.proc
     labels = [s.label for s in servers]
     runs: list[dict[str, list[dict]]] = []
     failures: dict[str, str] = {}

@@ -157,3 +157,21 @@ def test_gateway_mode_measures_both_paths_and_stops_the_upstream(
     port = int(upstream.rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def test_gateway_mode_without_peer_measures_the_gateway_alone(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    _, data = _run_bench(
+        tmp_path, "--engine", "upstream", "--no-peer", "--model", str(tiny_base),
+        "--requests", "2", "--concurrency", "1",
+    )  # fmt: skip
+    assert list(data["results"]) == ["tunedesk-gateway"]
+    (level,) = data["results"]["tunedesk-gateway"]
+    assert level["requests_ok"] == 2 and level["errors"] == 0
+    # The upstream it started for the gateway is gone with it.
+    gateway_argv = data["servers"][0]["argv"]
+    upstream = gateway_argv[gateway_argv.index("--upstream-url") + 1]
+    port = int(upstream.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass

@@ -210,6 +210,47 @@ def test_shared_system_prompt_is_prefilled_once_and_greedy_text_is_unchanged(tin
         cached.stop()
 
 
+async def _generate_ids(batcher, prompt: list[int], max_tokens: int) -> tuple[list[int], int]:
+    """Greedy token ids for one prompt, and how many prompt tokens were cached."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    gen = Generation(batcher, [(prompt, params)], time.monotonic() + 60)
+    cached = 0
+    while not gen.finished:
+        for out in await gen.next_outputs():
+            cached = max(cached, out.cached)
+    gen.close()
+    return list(gen._seqs[0].generated), cached
+
+
+def test_a_finished_answer_is_cached_for_the_next_turn(tiny):
+    """The next turn of a chat sends the answer back: its blocks, taken from the batch's cache
+    when the row finished, are reused, and the continuation is the same as without them."""
+    model, tok = tiny
+    first = encode_prompt(tok, _conversation(QUESTIONS[0]))
+
+    def batcher(cache_bytes: int) -> StepBatcher:
+        return StepBatcher(
+            model, tok, [2], 2048, max_batch=8, cpu_threads=1, prefix_cache_bytes=cache_bytes
+        )
+
+    plain, cached = batcher(0), batcher(64 << 20)
+    for b in (plain, cached):
+        b.start()
+    try:
+        answer, _ = asyncio.run(_generate_ids(cached, first, 40))
+        assert answer == asyncio.run(_generate_ids(plain, first, 40))[0]
+        # Next turn: the prompt, the answer the model read (all but its last token) and more.
+        follow = first + answer + tok("\n再问一个问题：赎回多久到账？")["input_ids"]
+        expected, none = asyncio.run(_generate_ids(plain, follow, 12))
+        got, hit = asyncio.run(_generate_ids(cached, follow, 12))
+        assert none == 0 and got == expected
+        read = len(first) + len(answer) - 1  # the last answer token never went through a forward
+        assert hit == read // 16 * 16 and hit > (len(first) - 1) // 16 * 16
+    finally:
+        plain.stop()
+        cached.stop()
+
+
 # --- end to end ---------------------------------------------------------------------------
 
 

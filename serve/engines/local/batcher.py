@@ -86,6 +86,8 @@ class Sequence:
     done: bool = False
     cached: int = 0
     """Prompt tokens whose keys and values came from the prefix cache."""
+    finished_ok: bool = False
+    """Done with a finish reason (not failed): its cache is worth keeping."""
 
 
 class EngineDead(RuntimeError):
@@ -413,7 +415,13 @@ class StepBatcher:
                 tokens = []
             for s, token in zip(picked, tokens, strict=False):
                 self._advance(s, token)
-        self._remove([i for i, s in enumerate(self._rows) if s.done])
+        dead = [i for i, s in enumerate(self._rows) if s.done]
+        if dead and self._runner.prefix_cache is not None:
+            for i in dead:
+                s = self._rows[i]
+                if s.finished_ok:  # the next turn of a chat sends this answer back
+                    self._runner.store_row(i, s.prompt + s.generated[:-1])
+        self._remove(dead)
 
     def _advance(self, s: Sequence, token: int) -> None:
         s.generated.append(token)
@@ -441,7 +449,7 @@ class StepBatcher:
             else:
                 text += s.stops.flush()
         if finish is not None:
-            s.done = True
+            s.done = s.finished_ok = True
         cached = s.cached if len(s.generated) == 1 else 0
         self._emit(s, SeqOutput(s.index, text, 1, finish, cached=cached))
 

@@ -1,6 +1,7 @@
 """Keys and values of prompt prefixes seen before, kept so the next prompt that starts the same
 way skips prefilling them: a widget's system prompt, the chat template's header, and each
-conversation's earlier turns (the widget and the UI send the whole history every turn).
+conversation's earlier turns (the widget and the UI send the whole history every turn). A
+finished answer's blocks are kept too (prompt and answer, as the next turn will send them).
 
 Prompts are cut into blocks of `block_size` tokens. A block is known by its parent block and
 its own tokens, so a prompt's cached prefix is found by walking its blocks from the start
@@ -50,10 +51,12 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def match(self, prompt: Sequence[int]) -> list[Block]:
-        """The cached blocks `prompt` starts with, leaving at least its last token uncached."""
+    def match(self, prompt: Sequence[int], leave_last: bool = True) -> list[Block]:
+        """The cached blocks `prompt` starts with, leaving at least its last token uncached
+        (a prompt to prefill needs its last position's logits; `leave_last=False` for tokens
+        that are only being stored)."""
         bs = self.block_size
-        usable = (len(prompt) - 1) // bs
+        usable = (len(prompt) - leave_last) // bs
         chain: list[Block] = []
         parent = 0
         for i in range(usable):

@@ -50,6 +50,9 @@ class Runner(Protocol):
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row [B, 1] -> next-token logits [B, V]."""
 
+    def store_row(self, row: int, tokens: list[int]) -> None:
+        """Keep a finished row's blocks in the prefix cache (where there is one)."""
+
     def remove(self, dead: list[int]) -> list[int]:
         """Drop rows; the survivors' old indices in their new order."""
 
@@ -87,6 +90,29 @@ class LeanRunner:
         if self.prefix_cache is not None:
             self._store(ids, mask, cache, prefixes or [[] for _ in range(ids.shape[0])])
         return logits
+
+    def store_row(self, row: int, tokens: list[int]) -> None:
+        """Keep the whole blocks of a finished row's tokens (its prompt and every generated
+        token the model has read: all but the last), from the slab, before the row leaves."""
+        pc = self.prefix_cache
+        if pc is None:
+            return
+        bs, slab = pc.block_size, self.slab
+        blocks = len(tokens) // bs
+        chain = pc.match(tokens, leave_last=False)
+        if len(chain) >= blocks:
+            return
+        # The row's real cells, in order, are its tokens (left padding and the padding a
+        # cached prefix leaves are masked out).
+        cols = slab.mask[row, slab.start : slab.end].nonzero().flatten() + slab.start
+        if cols.numel() != len(tokens):
+            return  # never expected; a wrong block would be worse than none
+        cols = cols[len(chain) * bs : blocks * bs]
+        kv = torch.stack(
+            [torch.stack((k[row].index_select(1, cols), v[row].index_select(1, cols)))
+             for k, v in zip(slab.keys, slab.values, strict=True)]
+        )  # fmt: skip
+        pc.store(tokens[: blocks * bs], chain, kv)
 
     def _store(
         self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, prefixes: list[list[Block]]
@@ -154,6 +180,9 @@ class TransformersRunner:
         check_supported(cache)
         self.cache.append(cache, mask)
         return out.logits[:, -1, :]
+
+    def store_row(self, row: int, tokens: list[int]) -> None:
+        pass
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(

@@ -41,6 +41,16 @@ def _kv(tokens: int, fill: float = 0.0) -> torch.Tensor:
 # --- the cache itself --------------------------------------------------------------------
 
 
+def test_scopes_share_nothing():
+    pc = PrefixCache(budget_bytes=1 << 20, block_size=4)
+    prompt = list(range(9))
+    pc.store(prompt, [], _kv(8), scope="tenant-a")
+    assert len(pc.match(prompt, scope="tenant-a")) == 2
+    assert pc.match(prompt, scope="tenant-b") == [] and pc.match(prompt) == []
+    pc.store(prompt, [], _kv(8), scope="tenant-b")  # its own copy, not a's
+    assert len(pc) == 4 and len(pc.match(prompt, scope="tenant-b")) == 2
+
+
 def test_whole_blocks_match_and_the_last_token_is_always_left_to_prefill():
     pc = PrefixCache(budget_bytes=1 << 20, block_size=4)
     prompt = list(range(10))  # blocks [0-3] [4-7], and 2 tokens that make no block
@@ -254,13 +264,16 @@ def test_a_finished_answer_is_cached_for_the_next_turn(tiny):
 # --- end to end ---------------------------------------------------------------------------
 
 
+KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
+
+
 @pytest.fixture(scope="module")
 def servers(pytestconfig, tmp_path_factory):
     tiny_path = build_tiny(cache_root(pytestconfig, tmp_path_factory))
     registry = ModelRegistry()
     registry.register("tiny", str(tiny_path))
-    on = ServeSettings(cpu_threads=1, max_running=4)
-    off = ServeSettings(cpu_threads=1, max_running=4, prefix_cache_mb=0)
+    on = ServeSettings(cpu_threads=1, max_running=4, api_keys=[KEY_A, KEY_B])
+    off = ServeSettings(cpu_threads=1, max_running=4, api_keys=[KEY_A], prefix_cache_mb=0)
     with serve(on, registry) as with_cache, serve(off, registry) as without:
         yield with_cache, without
 
@@ -271,7 +284,7 @@ def test_usage_reports_cached_prompt_tokens_to_the_openai_client(servers, caplog
     kw = dict(model="tiny", max_tokens=12, temperature=0)
     results = {}
     for label, server in (("on", with_cache), ("off", without)):
-        client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=60)
+        client = OpenAI(base_url=server.base_url, api_key=KEY_A, max_retries=0, timeout=60)
         first = client.chat.completions.create(messages=_conversation(QUESTIONS[0]), **kw)
         second = client.chat.completions.create(messages=_conversation(QUESTIONS[1]), **kw)
         chunks = list(
@@ -304,3 +317,21 @@ def test_usage_reports_cached_prompt_tokens_to_the_openai_client(servers, caplog
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("access")]
     logged = [x.get("cached_tokens") for x in lines if x.get("path") == "/v1/chat/completions"]
     assert logged == [None, hit, hit, None, None, None]  # the server without a cache: none
+
+
+def test_one_api_key_never_hits_what_another_key_cached(servers):
+    """A hit answers faster than a miss: shared across keys, the cache would tell one tenant
+    what another asked. Each key has its own prefix scope."""
+    with_cache, _ = servers
+    a, b = (
+        OpenAI(base_url=with_cache.base_url, api_key=k, max_retries=0, timeout=60)
+        for k in (KEY_A, KEY_B)
+    )
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "租户B的问题"}]
+    kw = dict(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    a.chat.completions.create(**kw)
+    # Key A has this prompt cached now; key B gets nothing of it, not even the system prompt.
+    assert a.chat.completions.create(**kw).usage.prompt_tokens_details.cached_tokens >= 32
+    assert b.chat.completions.create(**kw).usage.prompt_tokens_details.cached_tokens == 0
+    again = b.chat.completions.create(**kw).usage
+    assert again.prompt_tokens_details.cached_tokens == (again.prompt_tokens - 1) // 16 * 16

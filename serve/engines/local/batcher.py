@@ -88,6 +88,9 @@ class Sequence:
     """Prompt tokens whose keys and values came from the prefix cache."""
     finished_ok: bool = False
     """Done with a finish reason (not failed): its cache is worth keeping."""
+    cache_scope: str = ""
+    """Sequences share cached prefixes only within a scope (the server uses the API key's
+    name): how fast a first token comes must not tell one key what another one asked."""
 
 
 class EngineDead(RuntimeError):
@@ -335,7 +338,7 @@ class StepBatcher:
         # One forward per cached-prefix length: the rows of a forward share the prefix's width.
         by_length: dict[int, list[tuple[Sequence, list[Block]]]] = {}
         for s in group:
-            chain = cache.match(s.prompt)
+            chain = cache.match(s.prompt, scope=s.cache_scope)
             s.cached = len(chain) * cache.block_size
             by_length.setdefault(len(chain), []).append((s, chain))
         for pairs in by_length.values():
@@ -355,7 +358,8 @@ class StepBatcher:
         # attended to. Real tokens continue from the cached prefix.
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + cached
         try:
-            logits = self._runner.prefill(ids, mask, positions, chains)
+            scopes = [s.cache_scope for s in group]
+            logits = self._runner.prefill(ids, mask, positions, chains, scopes)
         except Exception as exc:
             log.exception("prefill failed on %s", self.name)
             for s in group:
@@ -420,7 +424,7 @@ class StepBatcher:
             for i in dead:
                 s = self._rows[i]
                 if s.finished_ok:  # the next turn of a chat sends this answer back
-                    self._runner.store_row(i, s.prompt + s.generated[:-1])
+                    self._runner.store_row(i, s.prompt + s.generated[:-1], s.cache_scope)
         self._remove(dead)
 
     def _advance(self, s: Sequence, token: int) -> None:

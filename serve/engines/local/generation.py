@@ -27,14 +27,16 @@ class Generation:
         batcher: StepBatcher,
         jobs: list[tuple[list[int], SamplingParams]],
         deadline: float,
+        cache_scope: str = "",
     ) -> None:
-        """Submit one sequence per (prompt ids, params); the list index is the choice index."""
+        """Submit one sequence per (prompt ids, params); the list index is the choice index.
+        `cache_scope`: prompts share cached prefixes only with the same scope."""
         self._batcher = batcher
         self._queue: asyncio.Queue[SeqOutput] = asyncio.Queue()
         self._handoff: Handoff | None = None
         loop = asyncio.get_running_loop()
         self._seqs = [
-            Sequence(prompt=prompt, params=params, index=i, loop=loop, sink=self)
+            Sequence(prompt, params, i, loop, self, cache_scope=cache_scope)
             for i, (prompt, params) in enumerate(jobs)
         ]
         self._open = {s.index for s in self._seqs}

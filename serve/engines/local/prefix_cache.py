@@ -12,6 +12,10 @@ Blocks are evicted least recently used first, once their bytes pass the budget. 
 whole chain recent, the first block most recent of all: a chain loses its tail before its
 head, and a block whose parent is gone is never matched again and ages out.
 
+Blocks live in scopes (the server's is the API key's name): a chain starts at its scope's
+root, so prompts share blocks only within a scope. A shared cache answers a hit faster than a
+miss, and that timing would tell one tenant whether another sent a given prefix.
+
 The cached keys carry their rotary position, so a block is only valid at the positions it was
 computed at; every prompt's tokens sit at positions 0.. in the lean forward, so a prefix block
 is always at the same positions wherever it is reused.
@@ -46,19 +50,23 @@ class PrefixCache:
         self.block_size = block_size
         self.bytes = 0
         self._blocks: OrderedDict[tuple[int, tuple[int, ...]], Block] = OrderedDict()
-        self._ids = itertools.count(1)  # 0 is the root every chain starts from
+        self._ids = itertools.count(1)
+        self._roots: dict[str, int] = {}  # scope -> the (non-positive) id its chains start at
 
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def match(self, prompt: Sequence[int], leave_last: bool = True) -> list[Block]:
+    def _root(self, scope: str) -> int:
+        return self._roots.setdefault(scope, -len(self._roots))
+
+    def match(self, prompt: Sequence[int], leave_last: bool = True, scope: str = "") -> list[Block]:
         """The cached blocks `prompt` starts with, leaving at least its last token uncached
         (a prompt to prefill needs its last position's logits; `leave_last=False` for tokens
         that are only being stored)."""
         bs = self.block_size
         usable = (len(prompt) - leave_last) // bs
         chain: list[Block] = []
-        parent = 0
+        parent = self._root(scope)
         for i in range(usable):
             block = self._blocks.get((parent, tuple(prompt[i * bs : (i + 1) * bs])))
             if block is None:
@@ -68,7 +76,9 @@ class PrefixCache:
         self._touch(chain)
         return chain
 
-    def store(self, prompt: Sequence[int], prefix: list[Block], kv: torch.Tensor) -> None:
+    def store(
+        self, prompt: Sequence[int], prefix: list[Block], kv: torch.Tensor, scope: str = ""
+    ) -> None:
         """Keep `prompt`'s whole blocks after `prefix` (the blocks it matched).
 
         `kv` holds the keys and values of the prompt's tokens from the end of `prefix` on
@@ -76,7 +86,7 @@ class PrefixCache:
         the same group stored it) is reused, not copied."""
         bs = self.block_size
         chain = list(prefix)
-        parent = chain[-1].id if chain else 0
+        parent = chain[-1].id if chain else self._root(scope)
         start = len(chain) * bs
         for i in range(len(chain), len(prompt) // bs):
             key = (parent, tuple(prompt[i * bs : (i + 1) * bs]))

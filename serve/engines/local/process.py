@@ -9,10 +9,11 @@ tokenizer (prompt encoding and limits happen before submission) and an `EnginePr
 mirrors the batcher's event-loop interface, so `Generation` and the serving code don't change.
 
 Protocol over one `multiprocessing` pipe, pickled tuples:
-- parent -> child: ("submit", [(seq id, prompt ids, SamplingParams, choice index)]),
+- parent -> child: ("submit", [(seq id, prompt ids, SamplingParams, choice index, cache scope)]),
   ("abort", [seq ids]), ("stop",)
 - child -> parent: ("ready",), ("failed", message) if the load failed,
-  ("out", [(seq id, text, tokens, finish_reason, error, at)]) once per step, ("dead", reason)
+  ("out", [(seq id, text, tokens, finish_reason, error, at, cached)]) once per step, ("dead",
+  reason)
   if the batcher failed (its sequences got their errors first).
 The child exits when the pipe closes, so it never outlives the server. If the child dies, every
 open sequence fails with an error (500 or an in-band stream error) and `alive` turns False
@@ -120,8 +121,8 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
                 return False  # the server is gone
             if msg[0] == "submit":
                 seqs = [
-                    Sequence(prompt=p, params=params, index=i, loop=None, sink=None, id=sid)
-                    for sid, p, params, i in msg[1]
+                    Sequence(p, params, i, None, None, id=sid, cache_scope=scope)
+                    for sid, p, params, i, scope in msg[1]
                 ]
                 batcher.submit(seqs)
             elif msg[0] == "abort":
@@ -228,7 +229,9 @@ class EngineProcess:
         for s in seqs:
             self._seqs[s.id] = s
         try:
-            self._send(("submit", [(s.id, s.prompt, s.params, s.index) for s in seqs]))
+            self._send(
+                ("submit", [(s.id, s.prompt, s.params, s.index, s.cache_scope) for s in seqs])
+            )
         except (OSError, ValueError) as exc:
             for s in seqs:
                 self._seqs.pop(s.id, None)

@@ -42,15 +42,17 @@ class Runner(Protocol):
         mask: torch.Tensor,
         positions: torch.Tensor,
         prefixes: list[list[Block]] | None = None,
+        scopes: list[str] | None = None,
     ) -> torch.Tensor:
         """Left-padded prompts [n, W] -> next-token logits [n, V]; their rows join the batch.
         With `prefixes` (only where `prefix_cache` is set): each row's cached blocks, all of
-        the same length P, and ids/mask/positions are the rest of the prompts."""
+        the same length P, and ids/mask/positions are the rest of the prompts. `scopes`: the
+        prefix cache scope each row's blocks are stored under."""
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row [B, 1] -> next-token logits [B, V]."""
 
-    def store_row(self, row: int, tokens: list[int]) -> None:
+    def store_row(self, row: int, tokens: list[int], scope: str = "") -> None:
         """Keep a finished row's blocks in the prefix cache (where there is one)."""
 
     def remove(self, dead: list[int]) -> list[int]:
@@ -79,6 +81,7 @@ class LeanRunner:
         mask: torch.Tensor,
         positions: torch.Tensor,
         prefixes: list[list[Block]] | None = None,
+        scopes: list[str] | None = None,
     ) -> torch.Tensor:
         past = gather(prefixes) if prefixes and prefixes[0] else None
         logits, cache = self.decoder.prefill(ids, positions, mask, past)
@@ -88,10 +91,11 @@ class LeanRunner:
         else:
             self.slab.join(cache, mask)
         if self.prefix_cache is not None:
-            self._store(ids, mask, cache, prefixes or [[] for _ in range(ids.shape[0])])
+            rows = ids.shape[0]
+            self._store(ids, mask, cache, prefixes or [[]] * rows, scopes or [""] * rows)
         return logits
 
-    def store_row(self, row: int, tokens: list[int]) -> None:
+    def store_row(self, row: int, tokens: list[int], scope: str = "") -> None:
         """Keep the whole blocks of a finished row's tokens (its prompt and every generated
         token the model has read: all but the last), from the slab, before the row leaves."""
         pc = self.prefix_cache
@@ -99,7 +103,7 @@ class LeanRunner:
             return
         bs, slab = pc.block_size, self.slab
         blocks = len(tokens) // bs
-        chain = pc.match(tokens, leave_last=False)
+        chain = pc.match(tokens, leave_last=False, scope=scope)
         if len(chain) >= blocks:
             return
         # The row's real cells, in order, are its tokens (left padding and the padding a
@@ -112,15 +116,20 @@ class LeanRunner:
             [torch.stack((k[row].index_select(1, cols), v[row].index_select(1, cols)))
              for k, v in zip(slab.keys, slab.values, strict=True)]
         )  # fmt: skip
-        pc.store(tokens[: blocks * bs], chain, kv)
+        pc.store(tokens[: blocks * bs], chain, kv, scope)
 
     def _store(
-        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, prefixes: list[list[Block]]
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Any,
+        prefixes: list[list[Block]],
+        scopes: list[str],
     ) -> None:
         pc = self.prefix_cache
         assert pc is not None
         width, bs = ids.shape[1], pc.block_size
-        for row, (real, chain) in enumerate(zip(mask.bool(), prefixes, strict=True)):
+        for row, (real, chain, scope) in enumerate(zip(mask.bool(), prefixes, scopes, strict=True)):
             rest = ids[row][real].tolist()
             cached = len(chain) * bs
             new_blocks = (cached + len(rest)) // bs - len(chain)
@@ -134,7 +143,7 @@ class LeanRunner:
                  for kv in cache.layers]
             )  # fmt: skip
             prompt = [t for b in chain for t in b.tokens] + rest
-            pc.store(prompt, chain, kv)
+            pc.store(prompt, chain, kv, scope)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode(ids, positions, self.slab)
@@ -165,6 +174,7 @@ class TransformersRunner:
         mask: torch.Tensor,
         positions: torch.Tensor,
         prefixes: list[list[Block]] | None = None,
+        scopes: list[str] | None = None,
     ) -> torch.Tensor:
         if prefixes and prefixes[0]:
             raise ValueError("the transformers runner keeps no prefix cache")
@@ -181,7 +191,7 @@ class TransformersRunner:
         self.cache.append(cache, mask)
         return out.logits[:, -1, :]
 
-    def store_row(self, row: int, tokens: list[int]) -> None:
+    def store_row(self, row: int, tokens: list[int], scope: str = "") -> None:
         pass
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

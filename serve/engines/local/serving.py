@@ -251,7 +251,8 @@ class LocalServing:
         ctx, name = call.ctx, lm.spec.name
         ctx.model = name
         ctx.content = logged
-        gen = Generation(lm.batcher, jobs, call.deadline)
+        # Cached prefixes are shared per API key (all of an open server's callers are one).
+        gen = Generation(lm.batcher, jobs, call.deadline, cache_scope=ctx.key_name or "")
         ctx.add_tokens(prompt=prompt_tokens)
         self.metrics.prompt_tokens.labels(name).inc(prompt_tokens)
         timing = _Timing(self.metrics, name, ctx, len(jobs))

@@ -29,6 +29,7 @@ from tunedesk.chat_format import encode_prompt
 from tunedesk.serve.engines.local.batcher import StepBatcher
 from tunedesk.serve.engines.local.generation import Generation
 from tunedesk.serve.engines.local.sampling import SamplingParams
+from tunedesk.serve.settings import ServeSettings
 
 SYSTEM = (
     "你是某基金公司的在线客服助手，服务对象是个人投资者。回答时请遵守以下要求：一、先直接回答问题，"
@@ -131,6 +132,7 @@ def main() -> None:
             context_len=2048,
             max_batch=64,
             cpu_threads=args.threads,
+            prefill_token_budget=ServeSettings().prefill_batch_tokens,  # as the server runs it
             prefix_cache_bytes=cache_mb << 20,
         )
         b.start()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +30,9 @@ from tunedesk.serve.engines.local.batcher import StepBatcher
 from tunedesk.serve.engines.local.generation import Generation
 from tunedesk.serve.engines.local.sampling import SamplingParams
 from tunedesk.serve.settings import ServeSettings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_step import _tiny_base  # noqa: E402 - the same cached tiny base, built once
 
 SYSTEM = (
     "你是某基金公司的在线客服助手，服务对象是个人投资者。回答时请遵守以下要求：一、先直接回答问题，"
@@ -50,18 +53,6 @@ QUESTIONS = [
     "怎么修改分红方式？",
     "QDII基金什么时候确认份额？",
 ]
-
-
-def _tiny_base() -> str:
-    from tunedesk.train.sample_data import generate_pairs
-    from tunedesk.train.tiny_base import TinyBaseConfig, build_tiny_base
-
-    out = Path(tempfile.gettempdir()) / "tunedesk-bench-decode" / "tiny-base"
-    if not (out / "model.safetensors").exists():
-        pairs = generate_pairs(400)
-        texts = [p["prompt"] for p in pairs] + [p["completion"] for p in pairs]
-        build_tiny_base(out, texts, TinyBaseConfig(), log=lambda _: None)
-    return str(out)
 
 
 async def _one(batcher: StepBatcher, prompt: list[int], max_tokens: int) -> tuple[float, str]:

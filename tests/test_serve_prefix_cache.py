@@ -187,37 +187,40 @@ async def _run(batcher, prompts: list[list[int]]) -> tuple[list[str], list[int]]
     return texts, cached
 
 
-def test_shared_system_prompt_is_prefilled_once_and_greedy_text_is_unchanged(tiny):
+@pytest.fixture
+def batchers(tiny):
+    """The model without a prefix cache, and with a fresh one."""
     model, tok = tiny
+    pair = [
+        StepBatcher(model, tok, [2], 2048, max_batch=8, cpu_threads=1, prefix_cache_bytes=size)
+        for size in (0, 64 << 20)
+    ]
+    for b in pair:
+        b.start()
+    yield pair
+    for b in pair:
+        b.stop()
+
+
+def test_shared_system_prompt_is_prefilled_once_and_greedy_text_is_unchanged(tiny, batchers):
+    _, tok = tiny
+    plain, cached = batchers
     prompts = [encode_prompt(tok, _conversation(q)) for q in QUESTIONS]
     shared = 0
     while all(p[shared] == prompts[0][shared] for p in prompts):
         shared += 1
     assert shared >= 32  # the system prompt spans whole blocks
-
-    def batcher(cache_bytes: int) -> StepBatcher:
-        return StepBatcher(
-            model, tok, [2], 2048, max_batch=8, cpu_threads=1, prefix_cache_bytes=cache_bytes
-        )
-
-    plain, cached = batcher(0), batcher(64 << 20)
-    for b in (plain, cached):
-        b.start()
-    try:
-        expected = [asyncio.run(_run(plain, [p]))[0][0] for p in prompts]
-        assert cached._runner.prefix_cache is not None and len(cached._runner.prefix_cache) == 0
-        first_text, first_cached = asyncio.run(_run(cached, [prompts[0]]))
-        assert first_text == [expected[0]] and first_cached == [0]
-        # The others, together in one prefill: each skips the shared whole blocks.
-        texts, hits = asyncio.run(_run(cached, prompts[1:]))
-        assert texts == expected[1:]
-        assert hits == [shared // 16 * 16] * 3
-        # The same prompt again: everything but the blocks holding its last token.
-        again, hit = asyncio.run(_run(cached, [prompts[0]]))
-        assert again == [expected[0]] and hit == [(len(prompts[0]) - 1) // 16 * 16]
-    finally:
-        plain.stop()
-        cached.stop()
+    expected = [asyncio.run(_run(plain, [p]))[0][0] for p in prompts]
+    assert cached._runner.prefix_cache is not None and len(cached._runner.prefix_cache) == 0
+    first_text, first_cached = asyncio.run(_run(cached, [prompts[0]]))
+    assert first_text == [expected[0]] and first_cached == [0]
+    # The others, together in one prefill: each skips the shared whole blocks.
+    texts, hits = asyncio.run(_run(cached, prompts[1:]))
+    assert texts == expected[1:]
+    assert hits == [shared // 16 * 16] * 3
+    # The same prompt again: everything but the blocks holding its last token.
+    again, hit = asyncio.run(_run(cached, [prompts[0]]))
+    assert again == [expected[0]] and hit == [(len(prompts[0]) - 1) // 16 * 16]
 
 
 async def _generate_ids(batcher, prompt: list[int], max_tokens: int) -> tuple[list[int], int]:
@@ -232,33 +235,21 @@ async def _generate_ids(batcher, prompt: list[int], max_tokens: int) -> tuple[li
     return list(gen._seqs[0].generated), cached
 
 
-def test_a_finished_answer_is_cached_for_the_next_turn(tiny):
+def test_a_finished_answer_is_cached_for_the_next_turn(tiny, batchers):
     """The next turn of a chat sends the answer back: its blocks, taken from the batch's cache
     when the row finished, are reused, and the continuation is the same as without them."""
-    model, tok = tiny
+    _, tok = tiny
+    plain, cached = batchers
     first = encode_prompt(tok, _conversation(QUESTIONS[0]))
-
-    def batcher(cache_bytes: int) -> StepBatcher:
-        return StepBatcher(
-            model, tok, [2], 2048, max_batch=8, cpu_threads=1, prefix_cache_bytes=cache_bytes
-        )
-
-    plain, cached = batcher(0), batcher(64 << 20)
-    for b in (plain, cached):
-        b.start()
-    try:
-        answer, _ = asyncio.run(_generate_ids(cached, first, 40))
-        assert answer == asyncio.run(_generate_ids(plain, first, 40))[0]
-        # Next turn: the prompt, the answer the model read (all but its last token) and more.
-        follow = first + answer + tok("\n再问一个问题：赎回多久到账？")["input_ids"]
-        expected, none = asyncio.run(_generate_ids(plain, follow, 12))
-        got, hit = asyncio.run(_generate_ids(cached, follow, 12))
-        assert none == 0 and got == expected
-        read = len(first) + len(answer) - 1  # the last answer token never went through a forward
-        assert hit == read // 16 * 16 and hit > (len(first) - 1) // 16 * 16
-    finally:
-        plain.stop()
-        cached.stop()
+    answer, _ = asyncio.run(_generate_ids(cached, first, 40))
+    assert answer == asyncio.run(_generate_ids(plain, first, 40))[0]
+    # Next turn: the prompt, the answer the model read (all but its last token) and more.
+    follow = first + answer + tok("\n再问一个问题：赎回多久到账？")["input_ids"]
+    expected, none = asyncio.run(_generate_ids(plain, follow, 12))
+    got, hit = asyncio.run(_generate_ids(cached, follow, 12))
+    assert none == 0 and got == expected
+    read = len(first) + len(answer) - 1  # the last answer token never went through a forward
+    assert hit == read // 16 * 16 and hit > (len(first) - 1) // 16 * 16
 
 
 # --- end to end ---------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Key file: one key per line, `#` comments, optional attributes after the key:
     sk-live-abc123                                   full access
     wk-public-xyz name=widget scopes=chat models=ft:tiny:faq:ftjob-1 rate=30/min
 
-`scopes` (comma-separated): chat, completions, models, fine-tune, or `*` (default). `models`:
+`scopes` (comma-separated): chat, completions, models, fine-tune, metrics (read /metrics), or
+`*` (default). `models`:
 the served model names the key may use (default: all). `rate`: requests per minute (or `/s`,
 `/h`) the key may make, as a token bucket with a burst of that many per minute.
 
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-ALL_SCOPES = frozenset({"chat", "completions", "models", "fine-tune"})
+ALL_SCOPES = frozenset({"chat", "completions", "models", "fine-tune", "metrics"})
 _PER = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
 
 

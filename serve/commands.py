@@ -16,6 +16,7 @@ _DIRECT = {
     "host": "host",
     "port": "port",
     "api_key_file": "api_key_file",
+    "public_metrics": "public_metrics",
     "served_model_name": "served_model_name",
     "max_running": "max_running",
     "max_queued": "max_queued",
@@ -89,6 +90,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="NAME=PATH")
     p.add_argument(
         "--cors-origin", action="append", default=None, metavar="ORIGIN", help="repeatable"
+    )
+    p.add_argument(
+        "--public-metrics",
+        action="store_true",
+        default=None,
+        help="/metrics without a key (default: with keys configured, a key with the metrics scope)",
     )
     p.add_argument("--max-running", type=int, default=None, help="batch size (default 64)")
     p.add_argument("--max-queued", type=int, default=None, help="waiting requests (default 64)")

@@ -18,7 +18,7 @@ from tunedesk.serve.admission import Admission
 from tunedesk.serve.auth import ANONYMOUS, ApiKey, KeyStore, RateLimiter, bearer_token
 from tunedesk.serve.context import RequestContext
 from tunedesk.serve.engines.base import ApiCall, Engine
-from tunedesk.serve.errors import AuthenticationFailed, RateLimited
+from tunedesk.serve.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from tunedesk.serve.metrics import Metrics
 from tunedesk.serve.service import OpenAIService
 from tunedesk.serve.settings import ServeSettings
@@ -76,6 +76,19 @@ async def authenticate(request: Request, state: StateDep, ctx: ContextDep) -> Ap
 
 
 KeyDep = Annotated[ApiKey, Depends(authenticate)]
+
+
+async def authorize_metrics(request: Request, state: StateDep, ctx: ContextDep) -> None:
+    """/metrics is open without keys or with `public_metrics`; else it takes a key with the
+    `metrics` scope (a widget key, public by design, has only `chat`)."""
+    if state.keys.open or state.settings.public_metrics:
+        return
+    key = await authenticate(request, state, ctx)
+    if not key.allows("metrics"):
+        raise PermissionDenied("This API key may not read metrics.")
+
+
+MetricsAccessDep = Annotated[None, Depends(authorize_metrics)]
 
 
 async def make_call(request: Request, key: KeyDep, ctx: ContextDep, state: StateDep) -> ApiCall:

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from tunedesk.serve.deps import CallDep, ServiceDep, StateDep
+from tunedesk.serve.deps import CallDep, MetricsAccessDep, ServiceDep, StateDep
 from tunedesk.serve.errors import Unavailable
 from tunedesk.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -31,7 +31,7 @@ async def ready(state: StateDep) -> Response:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(state: StateDep) -> Response:
+async def metrics(state: StateDep, _: MetricsAccessDep) -> Response:
     body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)
 

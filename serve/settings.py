@@ -48,6 +48,10 @@ class ServeSettings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_key_file: Path | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    public_metrics: bool = False
+    """Serve /metrics to anyone. Off: with API keys configured it needs a key with the
+    `metrics` scope (Prometheus sends one with `authorization: credentials_file`), since a
+    server a widget talks to is public and its metrics name models and traffic."""
 
     # --- how much
     max_running: int = Field(default=64, ge=1)

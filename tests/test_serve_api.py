@@ -198,7 +198,17 @@ def test_auth_failures_are_401_in_openai_shape_and_health_stays_open(server):
         assert err["type"] == "invalid_request_error" and "sk-wrong" not in r.text
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/ready").status_code == 200
-    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_metrics_need_a_key_with_the_metrics_scope(server):
+    """A server a widget talks to is public; its metrics name models and traffic."""
+    url = f"{server.url}/metrics"
+    _error(httpx.get(url), 401)
+    _error(httpx.get(url, headers={"Authorization": "Bearer sk-wrong"}), 401)
+    err = _error(httpx.get(url, headers={"Authorization": f"Bearer {WIDGET_KEY}"}), 403)
+    assert "metrics" in err["message"]
+    ok = httpx.get(url, headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and "tunedesk_requests_total" in ok.text
 
 
 def test_widget_key_limited_to_chat_on_named_models(server):
@@ -326,7 +336,7 @@ def test_metrics_expose_latency_histograms_counters_and_queue(server, client):
     client.chat.completions.create(
         model="tiny", messages=MSG, max_tokens=4, extra_body={"ignore_eos": True}
     )
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for name in (
         "tunedesk_time_to_first_token_seconds_bucket",
         "tunedesk_time_per_output_token_seconds_bucket",

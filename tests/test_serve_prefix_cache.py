@@ -303,7 +303,8 @@ def test_usage_reports_cached_prompt_tokens_to_the_openai_client(servers, caplog
 
     assert text(chunks) == text(off_chunks)
     # Operators see it too: the metric and the access log line.
-    exposed = httpx.get(f"{with_cache.url}/metrics", timeout=10).text
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    exposed = httpx.get(f"{with_cache.url}/metrics", headers=auth, timeout=10).text
     assert metric(exposed, "tunedesk_cached_prompt_tokens_total", model="tiny") == 2 * hit
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("access")]
     logged = [x.get("cached_tokens") for x in lines if x.get("path") == "/v1/chat/completions"]

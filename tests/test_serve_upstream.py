@@ -31,13 +31,16 @@ def servers(pytestconfig, tmp_path_factory):
     tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
     registry = ModelRegistry()
     registry.register("tiny", str(tiny))
-    backend_settings = ServeSettings(api_keys=["sk-backend"], max_running=4, cpu_threads=1)
+    backend_settings = ServeSettings(
+        api_keys=["sk-backend"], public_metrics=True, max_running=4, cpu_threads=1
+    )
     with serve(backend_settings, registry) as backend:
         gateway_settings = ServeSettings(
             engine="upstream",
             upstream_url=backend.base_url,
             upstream_api_key="sk-backend",
             api_keys=["sk-gateway"],
+            public_metrics=True,  # scraped without a key below
         )
         with serve(gateway_settings, ModelRegistry()) as gateway:
             yield backend, gateway
@@ -191,7 +194,7 @@ def test_replicas_share_the_load_and_one_that_is_down_is_skipped(pytestconfig, t
     with socket.socket() as s:  # a replica that is down: nothing listens on its port
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    one = ServeSettings(api_keys=["sk-backend"], max_running=4, cpu_threads=1)
+    one = ServeSettings(api_keys=["sk-backend"], public_metrics=True, max_running=4, cpu_threads=1)
     with serve(one, registry) as r1, serve(one, registry) as r2:
         gateway_settings = ServeSettings(
             engine="upstream",

@@ -17,6 +17,7 @@ _DIRECT = {
     "port": "port",
     "api_key_file": "api_key_file",
     "public_metrics": "public_metrics",
+    "upstream_cache_salt": "upstream_cache_salt",
     "served_model_name": "served_model_name",
     "max_running": "max_running",
     "max_queued": "max_queued",
@@ -90,6 +91,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="NAME=PATH")
     p.add_argument(
         "--cors-origin", action="append", default=None, metavar="ORIGIN", help="repeatable"
+    )
+    p.add_argument(
+        "--upstream-cache-salt",
+        action="store_true",
+        default=None,
+        help="upstream engine: send each API key's requests with its own vLLM cache_salt "
+        "(always on for --engine vllm)",
     )
     p.add_argument(
         "--public-metrics",

@@ -55,6 +55,9 @@ class StreamOptions(BaseModel):
 
 FinishReason = Literal["stop", "length"]
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
+CacheSalt = Annotated[str, Field(min_length=1)] | None
+"""vLLM's `cache_salt`: only prompts with the same salt (and, here, the same API key) share
+cached prefixes."""
 
 
 class _Request(BaseModel):
@@ -102,6 +105,7 @@ class ChatCompletionRequest(_Request):
     user: str | None = None
     # vLLM extensions, honoured by the local engine too (benchmarks need fixed-length outputs).
     ignore_eos: bool = False
+    cache_salt: CacheSalt = None
 
     def num_sequences(self) -> int:
         return self.n or 1
@@ -183,6 +187,7 @@ class CompletionRequest(_Request):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     user: str | None = None
     ignore_eos: bool = False
+    cache_salt: CacheSalt = None
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of prompts (strings or token-id lists)."""

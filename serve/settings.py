@@ -36,6 +36,10 @@ class ServeSettings(BaseSettings):
     in flight, a replica that refuses connections skipped for a few seconds."""
     upstream_api_key: SecretStr | None = None
     upstream_usage: bool = True
+    upstream_cache_salt: bool = False
+    """The upstream is vLLM (or honours vLLM's `cache_salt`): send each API key's requests with
+    a salt of their own, so keys never share its prefix cache (a hit's speed would tell one key
+    what another asked). Always on for `--engine vllm`."""
     """Ask the upstream for token usage on every stream it relays (`stream_options`), so the
     access log and token counters count streamed tokens; the client still gets usage only if
     it asked. Turn off for an upstream that rejects `stream_options`."""

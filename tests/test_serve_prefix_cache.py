@@ -327,3 +327,29 @@ def test_one_api_key_never_hits_what_another_key_cached(servers):
     assert b.chat.completions.create(**kw).usage.prompt_tokens_details.cached_tokens == 0
     again = b.chat.completions.create(**kw).usage
     assert again.prompt_tokens_details.cached_tokens == (again.prompt_tokens - 1) // 16 * 16
+
+
+def test_a_cache_salt_narrows_sharing_within_a_key(servers):
+    """vLLM's `cache_salt`, honoured here too: requests share cached prefixes only with the
+    same key and the same salt."""
+    with_cache, _ = servers
+    client = OpenAI(base_url=with_cache.base_url, api_key=KEY_A, max_retries=0, timeout=60)
+    messages = _conversation("加盐的问题")
+    kw = dict(model="tiny", messages=messages, max_tokens=2, temperature=0)
+
+    def cached(**extra) -> int:
+        usage = client.chat.completions.create(**kw, extra_body=extra or None).usage
+        return usage.prompt_tokens_details.cached_tokens
+
+    unsalted = cached()  # the system prompt is cached for this key by the tests above
+    assert unsalted >= 32
+    assert cached(cache_salt="user-1") == 0  # a salt starts its own scope
+    assert cached(cache_salt="user-1") > unsalted  # and shares within it: the whole prompt
+    assert cached(cache_salt="user-2") == 0
+    bad = httpx.post(
+        f"{with_cache.base_url}/chat/completions",
+        json={**kw, "cache_salt": ""},
+        headers={"Authorization": f"Bearer {KEY_A}"},
+        timeout=30,
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"

@@ -375,3 +375,44 @@ def test_an_upstream_dying_mid_stream_ends_the_stream_with_an_error_event():
             assert events[2:] == ["[DONE]"]
     finally:
         upstream.close()
+
+
+@pytest.mark.parametrize("salted", [False, True])
+def test_cache_salt_keeps_gateway_keys_apart_in_the_upstream_prefix_cache(servers, salted):
+    """Behind a gateway every caller reaches the upstream with the gateway's one key, so the
+    upstream's prefix cache is shared by all of them, and a hit's speed would tell one what
+    another asked. With `--upstream-cache-salt` (always on for the vLLM engine) each gateway
+    key's requests carry a salt of their own, and share nothing."""
+    backend, _ = servers
+    system = (
+        f"salted={salted}: "
+        + "你是基金公司的客服助手，回答简洁准确，给出具体费率，不确定时请咨询人工客服。" * 2
+    )
+    settings = ServeSettings(
+        engine="upstream",
+        upstream_url=backend.base_url,
+        upstream_api_key="sk-backend",
+        api_keys=["sk-one", "sk-two"],
+        upstream_cache_salt=salted,
+    )
+    kw = dict(
+        model="tiny",
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "申购费？"}],
+        max_tokens=2,
+        temperature=0,
+    )
+    with serve(settings, ModelRegistry()) as gateway:
+        one, two = (
+            OpenAI(base_url=gateway.base_url, api_key=k, max_retries=0)
+            for k in ("sk-one", "sk-two")
+        )
+        first = one.chat.completions.create(**kw).usage.prompt_tokens_details.cached_tokens
+        again = one.chat.completions.create(**kw).usage.prompt_tokens_details.cached_tokens
+        other = two.chat.completions.create(**kw).usage.prompt_tokens_details.cached_tokens
+        # A client's own salt narrows its key's sharing further.
+        own = one.chat.completions.create(**kw, extra_body={"cache_salt": "session-7"})
+    assert first == 0 and again >= 32  # one key's repeats hit either way
+    if salted:
+        assert other == 0 and own.usage.prompt_tokens_details.cached_tokens == 0
+    else:
+        assert other == again  # the second key hits what the first one sent

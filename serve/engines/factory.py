@@ -33,6 +33,7 @@ def build_engine(
             api_key=key,
             timeout_s=settings.request_timeout_s,
             ask_usage=settings.upstream_usage,
+            salt_by_key=settings.upstream_cache_salt,
             metrics=metrics,
         )
     raise CommandError(f"unknown engine {settings.engine!r}")

@@ -14,6 +14,7 @@ in Python for every read). At vLLM's token rates that difference is a good part 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -47,6 +48,18 @@ _DROP_RESPONSE_HEADERS = {
 }
 
 
+def cache_salt(call: ApiCall[Any]) -> str | None:
+    """The salt a keyed caller's request carries upstream: a digest of its key's name (vLLM logs
+    what it is sent; the name stays here), and of the client's own salt, which can narrow the
+    sharing further but never widen it to another key. None for an open server's callers."""
+    key = call.ctx.key_name
+    if key is None:
+        return None
+    own = getattr(call.body, "cache_salt", None)
+    text = key if own is None else f"{key}\x00{own}"
+    return "tunedesk-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
 class ProxyEngine(Engine):
     kind = "upstream"
 
@@ -60,13 +73,17 @@ class ProxyEngine(Engine):
         connect_timeout_s: float = 10.0,
         max_connections: int = 256,
         ask_usage: bool = True,
+        salt_by_key: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
         """`base_urls`: one upstream, or several replicas of it (upstreams.py balances them).
         `ask_usage`: ask the upstream for usage on every stream (stream_options), so streamed
-        tokens reach the access log and counters; see usage_tap.py."""
+        tokens reach the access log and counters; see usage_tap.py. `salt_by_key`: the
+        upstream is vLLM, whose prefix cache is shared by everyone the gateway forwards for;
+        send each API key's requests with a `cache_salt` of their own (see `cache_salt`)."""
         super().__init__(registry, metrics)
         self.ask_usage = ask_usage
+        self.salt_by_key = salt_by_key
         self.pool = UpstreamPool([base_urls] if isinstance(base_urls, str) else base_urls)
         self._connect_failures = self.metrics.upstream_connect_failures
         for upstream in self.pool.upstreams:  # read at scrape time
@@ -262,15 +279,21 @@ class ProxyEngine(Engine):
         raise Unavailable(f"No upstream server is reachable ({len(tried)} tried).")
 
     def _upstream_body(self, call: ApiCall[Any]) -> tuple[bytes, bool]:
-        """The client's bytes, or, for a stream that did not ask for usage, the same request
-        asking for it (True: the usage event is the gateway's and is not relayed)."""
+        """The client's bytes, or the same request asking for usage on a stream that did not
+        (True: the usage event is the gateway's and is not relayed) and carrying its key's
+        cache salt (`salt_by_key`)."""
         streaming = getattr(call.body, "stream", False)
         options = getattr(call.body, "stream_options", None)
-        if not (self.ask_usage and streaming) or (options and options.include_usage):
+        add_usage = self.ask_usage and streaming and not (options and options.include_usage)
+        salt = cache_salt(call) if self.salt_by_key else None
+        if not add_usage and salt is None:
             return call.raw, False
         data = json.loads(call.raw)
-        data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
-        return json.dumps(data, ensure_ascii=False).encode("utf-8"), True
+        if add_usage:
+            data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+        if salt is not None:
+            data["cache_salt"] = salt
+        return json.dumps(data, ensure_ascii=False).encode("utf-8"), bool(add_usage)
 
     async def _relay(
         self, upstream: aiohttp.ClientResponse, call: ApiCall[Any], tap: UsageTap

@@ -242,6 +242,7 @@ class VLLMEngine(ProxyEngine):
             self.supervisor.url,
             timeout_s=settings.request_timeout_s,
             ask_usage=settings.upstream_usage,
+            salt_by_key=True,  # our own vLLM: its prefix cache is scoped per key, as ours is
             metrics=metrics,
         )
         registry.subscribe(self._refuse_changes)

@@ -66,6 +66,14 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def cache_scope(call: ApiCall[Any]) -> str:
+    """Who may share cached prefixes: callers of one API key (all of an open server's callers
+    are one), narrowed by the request's `cache_salt` if it sends one."""
+    salt = getattr(call.body, "cache_salt", None)
+    key = call.ctx.key_name or ""
+    return key if salt is None else f"{key}\x00{salt}"
+
+
 def _stops(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -251,8 +259,7 @@ class LocalServing:
         ctx, name = call.ctx, lm.spec.name
         ctx.model = name
         ctx.content = logged
-        # Cached prefixes are shared per API key (all of an open server's callers are one).
-        gen = Generation(lm.batcher, jobs, call.deadline, cache_scope=ctx.key_name or "")
+        gen = Generation(lm.batcher, jobs, call.deadline, cache_scope=cache_scope(call))
         ctx.add_tokens(prompt=prompt_tokens)
         self.metrics.prompt_tokens.labels(name).inc(prompt_tokens)
         timing = _Timing(self.metrics, name, ctx, len(jobs))

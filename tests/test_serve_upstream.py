@@ -411,7 +411,11 @@ def test_cache_salt_keeps_gateway_keys_apart_in_the_upstream_prefix_cache(server
         other = two.chat.completions.create(**kw).usage.prompt_tokens_details.cached_tokens
         # A client's own salt narrows its key's sharing further.
         own = one.chat.completions.create(**kw, extra_body={"cache_salt": "session-7"})
+        auth = {"Authorization": "Bearer sk-one"}
+        gateway_metrics = httpx.get(f"{gateway.url}/metrics", headers=auth).text
     assert first == 0 and again >= 32  # one key's repeats hit either way
+    # The gateway counts what the upstream reported it saved.
+    assert metric(gateway_metrics, "tunedesk_cached_prompt_tokens_total", model="tiny") >= again
     if salted:
         assert other == 0 and own.usage.prompt_tokens_details.cached_tokens == 0
     else:

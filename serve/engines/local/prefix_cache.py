@@ -14,7 +14,9 @@ head, and a block whose parent is gone is never matched again and ages out.
 
 Blocks live in scopes (the server's is the API key's name): a chain starts at its scope's
 root, so prompts share blocks only within a scope. A shared cache answers a hit faster than a
-miss, and that timing would tell one tenant whether another sent a given prefix.
+miss, and that timing would tell one tenant whether another sent a given prefix. Callers of
+one key still share (a widget's visitors all use its key: that is what shares its system
+prompt); a request's `cache_salt` narrows its scope further, at the cost of that sharing.
 
 The cached keys carry their rotary position, so a block is only valid at the positions it was
 computed at; every prompt's tokens sit at positions 0.. in the lean forward, so a prefix block

@@ -340,12 +340,13 @@ class ProxyEngine(Engine):
         if not (isinstance(prompt, int) and isinstance(completion, int)):
             return
         call.ctx.add_tokens(prompt=prompt, completion=completion)
-        details = usage.get("prompt_tokens_details")
+        details = usage.get("prompt_tokens_details")  # vLLM reports it when asked to
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        if isinstance(cached, int) and cached > 0:  # vLLM reports it when asked to
+        hit = isinstance(cached, int) and cached > 0
+        if hit:
             call.ctx.cached_tokens = cached
         if call.ctx.model:
             self.metrics.prompt_tokens.labels(call.ctx.model).inc(prompt)
             self.metrics.completion_tokens.labels(call.ctx.model).inc(completion)
-            if call.ctx.cached_tokens:
+            if hit:
                 self.metrics.cached_prompt_tokens.labels(call.ctx.model).inc(cached)

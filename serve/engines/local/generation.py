@@ -36,7 +36,14 @@ class Generation:
         self._handoff: Handoff | None = None
         loop = asyncio.get_running_loop()
         self._seqs = [
-            Sequence(prompt, params, i, loop, self, cache_scope=cache_scope)
+            Sequence(
+                prompt=prompt,
+                params=params,
+                index=i,
+                loop=loop,
+                sink=self,
+                cache_scope=cache_scope,
+            )
             for i, (prompt, params) in enumerate(jobs)
         ]
         self._open = {s.index for s in self._seqs}

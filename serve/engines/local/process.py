@@ -121,7 +121,15 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
                 return False  # the server is gone
             if msg[0] == "submit":
                 seqs = [
-                    Sequence(p, params, i, None, None, id=sid, cache_scope=scope)
+                    Sequence(
+                        prompt=p,
+                        params=params,
+                        index=i,
+                        loop=None,
+                        sink=None,
+                        id=sid,
+                        cache_scope=scope,
+                    )
                     for sid, p, params, i, scope in msg[1]
                 ]
                 batcher.submit(seqs)

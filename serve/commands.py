@@ -229,6 +229,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from tunedesk.serve.settings import UVICORN_PROTOCOLS
+
     uvicorn.run(
         app,
         host=settings.host,
@@ -236,5 +238,6 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # ours is structured and knows tokens and TTFT
         log_level="info",
         timeout_graceful_shutdown=10,
+        **UVICORN_PROTOCOLS,
     )
     return 0

@@ -11,6 +11,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EngineKind = Literal["transformers", "vllm", "upstream"]
 
+# What uvicorn runs the app on, the CLI and `ServerThread` alike. httptools (uvicorn's C
+# parser) takes ~0.25 ms less CPU per streamed request than h11, and a burst of 32 requests
+# waits on that serially. The loop is named rather than "auto", which would switch to uvloop
+# wherever it happens to be installed: not measured enough here to be the default.
+UVICORN_PROTOCOLS: dict[str, str] = {"http": "httptools", "loop": "asyncio"}
+
 
 def _split_commas(value: object) -> object:
     # TUNEDESK_API_KEYS=a,b is friendlier than the JSON list pydantic-settings expects.

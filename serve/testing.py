@@ -16,6 +16,8 @@ from typing import Any
 
 import uvicorn
 
+from tunedesk.serve.settings import UVICORN_PROTOCOLS
+
 
 class ServerThread:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -26,7 +28,12 @@ class ServerThread:
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            **UVICORN_PROTOCOLS,
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(

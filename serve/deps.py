@@ -91,7 +91,12 @@ async def authorize_metrics(request: Request, state: StateDep, ctx: ContextDep) 
 MetricsAccessDep = Annotated[None, Depends(authorize_metrics)]
 
 
-async def make_call(request: Request, key: KeyDep, ctx: ContextDep, state: StateDep) -> ApiCall:
+async def make_call(request: Request, state: StateDep) -> ApiCall:
+    # The context and the key by plain calls, not as dependencies of this one: FastAPI's
+    # solving of each dependency costs more than the function it calls, and every request of
+    # a burst waits for the requests ahead of it on the event loop.
+    ctx = await get_context(request)
+    key = await authenticate(request, state, ctx)
     # FastAPI has already read (and cached) the body to validate it: this costs no I/O.
     raw = await request.body()
     deadline = time.monotonic() + state.settings.request_timeout_s

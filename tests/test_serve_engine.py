@@ -339,3 +339,52 @@ def test_chunk_template_renders_what_pydantic_renders(text):
         )
     )
     assert completion._text.render(0, text) == expected
+
+
+@pytest.mark.parametrize("model", ["m", 'ft-987654321 "index":987654321 tunedesk-id-slot', "模型"])
+def test_chunks_from_cached_samples_match_pydantic(model):
+    # The per-model samples hold slots for the id, time and index: a model whose name looks
+    # like a slot must still get its own name back, and every response its own id.
+    from tunedesk.serve.engines.local.formats import ChatFormat, CompletionFormat
+    from tunedesk.serve.protocol import (
+        ChatCompletionChunk,
+        ChoiceDelta,
+        ChunkChoice,
+        Completion,
+        CompletionChoice,
+    )
+    from tunedesk.serve.streaming import sse
+
+    first, chat = ChatFormat(model, include_usage=True), ChatFormat(model, include_usage=True)
+    assert first.id != chat.id
+    role = ChoiceDelta(role="assistant", content="")
+    expected = b"".join(
+        sse(
+            ChatCompletionChunk(
+                id=chat.id,
+                created=chat.created,
+                model=model,
+                choices=[ChunkChoice(index=i, delta=role)],
+            )
+        )
+        for i in range(3)
+    )
+    assert chat.opening(3) == expected
+    text = ChatCompletionChunk(
+        id=chat.id,
+        created=chat.created,
+        model=model,
+        choices=[ChunkChoice(index=12, delta=ChoiceDelta(content="答"))],
+    )
+    assert chat._text.render(12, "答") == sse(text)
+    completion = CompletionFormat(model, include_usage=False)
+    expected = sse(
+        Completion(
+            id=completion.id,
+            created=completion.created,
+            model=model,
+            choices=[CompletionChoice(text="x", index=7, finish_reason=None)],
+        ),
+        exclude={"usage"},
+    )
+    assert completion._text.render(7, "x") == expected

@@ -6,6 +6,7 @@ temperature 0 the concatenated stream is exactly the non-streamed text.
 
 from __future__ import annotations
 
+import functools
 import json
 
 from tunedesk.serve.engines.local.batcher import SeqOutput
@@ -24,8 +25,32 @@ from tunedesk.serve.protocol import (
 )
 from tunedesk.serve.streaming import sse
 
+# Slots in chunks rendered once per model, filled per request and per token. Each is found with
+# its JSON key in front (`"index":987654321`), which no string value can contain unescaped,
+# so a model named after a slot can't be mistaken for it.
+_ID = "tunedesk-id-slot"
+_CREATED = 987654320
 _INDEX = 987654321
 _TEXT = "\ue000tunedesk-text\ue000"
+
+
+def _key(name: str, value: bytes) -> bytes:
+    return b'"' + name.encode() + b'":' + value
+
+
+_ID_SLOT = _key("id", json.dumps(_ID).encode())
+_CREATED_SLOT = _key("created", str(_CREATED).encode())
+_INDEX_SLOT = _key("index", str(_INDEX).encode())
+
+
+def _stamp(sample: bytes, id_: str, created: int) -> bytes:
+    """A sample chunk with this response's id and creation time in their slots."""
+    sample = sample.replace(_ID_SLOT, _key("id", json.dumps(id_).encode()), 1)
+    return sample.replace(_CREATED_SLOT, _key("created", str(created).encode()), 1)
+
+
+def _with_index(chunk: bytes, index: int) -> bytes:
+    return chunk.replace(_INDEX_SLOT, _key("index", str(index).encode()), 1)
 
 
 class ChunkTemplate:
@@ -34,19 +59,46 @@ class ChunkTemplate:
     building three models per token (a third of the event loop's work per chunk)."""
 
     def __init__(self, sample: bytes) -> None:
-        index_mark = str(_INDEX).encode()
         text_mark = json.dumps(_TEXT, ensure_ascii=False).encode("utf-8")
         # The two slots in the order the model puts its fields (chat: index first).
-        self._index_first = sample.index(index_mark) < sample.index(text_mark)
-        first, second = (index_mark, text_mark) if self._index_first else (text_mark, index_mark)
+        self._index_first = sample.index(_INDEX_SLOT) < sample.index(text_mark)
+        first, second = (_INDEX_SLOT, text_mark) if self._index_first else (text_mark, _INDEX_SLOT)
         head, rest = sample.split(first, 1)
         middle, tail = rest.split(second, 1)
+        if self._index_first:
+            head += b'"index":'
+        else:
+            middle += b'"index":'
         self._head, self._middle, self._tail = head, middle, tail
 
     def render(self, index: int, text: str) -> bytes:
         slots = (str(index).encode(), json.dumps(text, ensure_ascii=False).encode("utf-8"))
         a, b = slots if self._index_first else slots[::-1]
         return b"".join((self._head, a, self._middle, b, self._tail))
+
+
+# Per served model: what the pydantic models render for a text chunk and for the opening
+# (role) chunk, with slots for the id, time, index and text. Building and dumping those models
+# for every request cost more than the rest of its formatting.
+@functools.lru_cache(maxsize=64)
+def _chat_samples(model: str, include_usage: bool) -> tuple[bytes, bytes]:
+    exclude = None if include_usage else {"usage"}
+
+    def chunk(delta: ChoiceDelta) -> bytes:
+        choices = [ChunkChoice(index=_INDEX, delta=delta)]
+        return sse(
+            ChatCompletionChunk(id=_ID, created=_CREATED, model=model, choices=choices),
+            exclude=exclude,
+        )
+
+    return chunk(ChoiceDelta(content=_TEXT)), chunk(ChoiceDelta(role="assistant", content=""))
+
+
+@functools.lru_cache(maxsize=64)
+def _completion_sample(model: str, include_usage: bool) -> bytes:
+    choice = CompletionChoice(text=_TEXT, index=_INDEX, finish_reason=None)
+    chunk = Completion(id=_ID, created=_CREATED, model=model, choices=[choice])
+    return sse(chunk, exclude=None if include_usage else {"usage"})
 
 
 class Choices:
@@ -84,8 +136,9 @@ class ChatFormat:
         self.model = model
         self.include_usage = include_usage
         self._exclude = None if include_usage else {"usage"}
-        delta = ChoiceDelta(content=_TEXT)
-        self._text = ChunkTemplate(self._chunk([ChunkChoice(index=_INDEX, delta=delta)]))
+        text, opening = _chat_samples(model, include_usage)
+        self._text = ChunkTemplate(_stamp(text, self.id, self.created))
+        self._opening = _stamp(opening, self.id, self.created)
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         chunk = ChatCompletionChunk(
@@ -96,8 +149,7 @@ class ChatFormat:
     def opening(self, n: int) -> bytes:
         # Sent before the first token, as OpenAI does: the client learns the stream is live,
         # and anything failing later arrives as an in-band error chunk.
-        delta = ChoiceDelta(role="assistant", content="")
-        return b"".join(self._chunk([ChunkChoice(index=i, delta=delta)]) for i in range(n))
+        return b"".join(_with_index(self._opening, i) for i in range(n))
 
     def pieces(self, outs: list[SeqOutput]) -> bytes:
         parts: list[bytes] = []
@@ -144,8 +196,9 @@ class CompletionFormat:
         self.model = model
         self.include_usage = include_usage
         self._exclude = None if include_usage else {"usage"}
-        choice = CompletionChoice(text=_TEXT, index=_INDEX, finish_reason=None)
-        self._text = ChunkTemplate(self._chunk([choice]))
+        self._text = ChunkTemplate(
+            _stamp(_completion_sample(model, include_usage), self.id, self.created)
+        )
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         chunk = Completion(

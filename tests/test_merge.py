@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_serve_support import LORA_TARGETS, make_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunedesk import cli
@@ -28,8 +29,6 @@ from tunedesk.train.merge import (
 from tunedesk.train.sample_data import generate_pairs
 from tunedesk.train.tiny_base import IM_END
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -41,28 +40,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _make_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter with random (non-zero) A and B, saved as a trainer would save it."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    # init_lora_weights=False: B is random rather than zero, so the adapter changes outputs.
-    config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=LORA_TARGETS,
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    get_peft_model(model, config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapter(tiny_base, tmp_path_factory) -> Path:
-    return _make_adapter(tiny_base, tmp_path_factory.mktemp("adapter") / "adapter", seed=0)
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("adapter") / "adapter", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Shared pieces of the serve tests: the tiny model (built once, cached across runs), broken
-variants of it, and servers started for real on 127.0.0.1.
+variants of it, LoRA adapters for it, and servers started for real on 127.0.0.1.
 
 The other test_serve_* modules import from here; the one test below checks the cache itself.
 """
@@ -44,6 +44,30 @@ def build_tiny(root: Path) -> Path:
         pairs = generate_pairs(300)
         texts = [p["prompt"] for p in pairs] + [p["completion"] for p in pairs]
         build_tiny_base(out, texts, TinyBaseConfig(**TINY), log=lambda _: None)
+    return out
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random (non-zero) A and B, saved as a trainer would save it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    # init_lora_weights=False: B is random rather than zero, so the adapter changes outputs.
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=LORA_TARGETS,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(model, config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
 
 

@@ -106,6 +106,10 @@ class ChatCompletionRequest(_Request):
     # vLLM extensions, honoured by the local engine too (benchmarks need fixed-length outputs).
     ignore_eos: bool = False
     cache_salt: CacheSalt = None
+    # tunedesk's own (the widget sends it with a salt per visitor); dropped by the gateway.
+    cache_share_system: bool = False
+    """With `cache_salt`: the system turn's cached blocks stay shared within the API key (a
+    widget's system prompt is in its page for anyone to read); the salt isolates the rest."""
 
     def num_sequences(self) -> int:
         return self.n or 1

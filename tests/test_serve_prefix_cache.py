@@ -22,11 +22,11 @@ from test_serve_fastpath import CONFIGS, SMALL, _left_pad, _model, _reference_la
 from test_serve_support import build_tiny, cache_root, metric, serve
 from transformers import AutoTokenizer, Qwen2Config
 
-from tunedesk.chat_format import encode_prompt
+from tunedesk.chat_format import encode_messages, encode_prompt
 from tunedesk.serve.engines.local.batcher import StepBatcher
 from tunedesk.serve.engines.local.fastpath import LeanDecoder
 from tunedesk.serve.engines.local.generation import Generation
-from tunedesk.serve.engines.local.prefix_cache import PrefixCache
+from tunedesk.serve.engines.local.prefix_cache import CacheScope, PrefixCache
 from tunedesk.serve.engines.local.runners import LeanRunner
 from tunedesk.serve.engines.local.sampling import SamplingParams
 from tunedesk.serve.registry import ModelRegistry
@@ -44,11 +44,30 @@ def _kv(tokens: int, fill: float = 0.0) -> torch.Tensor:
 def test_scopes_share_nothing():
     pc = PrefixCache(budget_bytes=1 << 20, block_size=4)
     prompt = list(range(9))
-    pc.store(prompt, [], _kv(8), scope="tenant-a")
-    assert len(pc.match(prompt, scope="tenant-a")) == 2
-    assert pc.match(prompt, scope="tenant-b") == [] and pc.match(prompt) == []
-    pc.store(prompt, [], _kv(8), scope="tenant-b")  # its own copy, not a's
-    assert len(pc) == 4 and len(pc.match(prompt, scope="tenant-b")) == 2
+    a, b = CacheScope("tenant-a"), CacheScope("tenant-b")
+    pc.store(prompt, [], _kv(8), scope=a)
+    assert len(pc.match(prompt, scope=a)) == 2
+    assert pc.match(prompt, scope=b) == [] and pc.match(prompt) == []
+    pc.store(prompt, [], _kv(8), scope=b)  # its own copy, not a's
+    assert len(pc) == 4 and len(pc.match(prompt, scope=b)) == 2
+
+
+def test_a_salt_branches_off_after_the_shared_head():
+    pc = PrefixCache(budget_bytes=1 << 20, block_size=4)
+    prompt = list(range(13))  # three whole blocks, and a last token
+    one = CacheScope("widget", salt="visitor-1", shared=6)  # the head's one whole block
+    pc.store(prompt, [], _kv(12), scope=one)
+    assert len(pc.match(prompt, scope=one)) == 3
+    # Another visitor of the key reuses the shared block only; the key without a salt, or a
+    # salt that shares nothing, not even that (vLLM's meaning of a salt).
+    two = CacheScope("widget", salt="visitor-2", shared=6)
+    assert [b.tokens for b in pc.match(prompt, scope=two)] == [(0, 1, 2, 3)]
+    assert len(pc.match(prompt, scope=CacheScope("widget"))) == 1
+    assert pc.match(prompt, scope=CacheScope("widget", salt="visitor-1")) == []
+    assert pc.match(prompt, scope=CacheScope("other", salt="visitor-1", shared=6)) == []
+    # The second visitor's own blocks hang off the shared one: 1 shared + 2 + 2.
+    pc.store(prompt, pc.match(prompt, scope=two), _kv(8), scope=two)
+    assert len(pc) == 5 and len(pc.match(prompt, scope=two)) == 3
 
 
 def test_whole_blocks_match_and_the_last_token_is_always_left_to_prefill():
@@ -353,3 +372,29 @@ def test_a_cache_salt_narrows_sharing_within_a_key(servers):
         timeout=30,
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
+
+
+def test_a_salt_can_leave_the_system_turn_shared(servers, pytestconfig, tmp_path_factory):
+    """What the widget sends: a salt per visitor with `cache_share_system`. Each visitor
+    reuses the key's cached system turn (whole blocks of it), never another's conversation."""
+    with_cache, _ = servers
+    tok = AutoTokenizer.from_pretrained(build_tiny(cache_root(pytestconfig, tmp_path_factory)))
+    client = OpenAI(base_url=with_cache.base_url, api_key=KEY_A, max_retries=0, timeout=60)
+    messages = _conversation("我的手机号是13800000000，帮我查一下")
+    system_blocks = len(encode_messages(tok, messages[:1])) // 16 * 16
+    assert system_blocks >= 32
+
+    def cached(salt: str) -> int:
+        usage = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=2,
+            temperature=0,
+            extra_body={"cache_salt": salt, "cache_share_system": True},
+        ).usage
+        return usage.prompt_tokens_details.cached_tokens
+
+    client.chat.completions.create(model="tiny", messages=messages[:1], max_tokens=1)
+    assert cached("visitor-1") == system_blocks  # the system turn, not the question
+    assert cached("visitor-1") > system_blocks  # a visitor's own history: the whole prompt
+    assert cached("visitor-2") == system_blocks  # the next visitor: the system turn only

@@ -420,3 +420,36 @@ def test_cache_salt_keeps_gateway_keys_apart_in_the_upstream_prefix_cache(server
         assert other == 0 and own.usage.prompt_tokens_details.cached_tokens == 0
     else:
         assert other == again  # the second key hits what the first one sent
+
+
+def test_the_gateway_drops_the_field_only_tunedesk_knows():
+    """`cache_share_system` (the widget's) means nothing to vLLM or OpenAI, which may refuse
+    an unknown field: the gateway leaves it out and forwards the rest as sent."""
+    from tunedesk.serve.auth import ANONYMOUS
+    from tunedesk.serve.context import RequestContext
+    from tunedesk.serve.engines.base import ApiCall
+    from tunedesk.serve.engines.proxy import ProxyEngine
+    from tunedesk.serve.protocol import ChatCompletionRequest
+
+    sent = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "申购费？"}],
+        "cache_salt": "visitor-1",
+        "cache_share_system": True,
+    }
+    raw = json.dumps(sent, ensure_ascii=False).encode("utf-8")
+    call = ApiCall(
+        body=ChatCompletionRequest.model_validate_json(raw),
+        raw=raw,
+        http=None,
+        ctx=RequestContext(request_id="t"),
+        key=ANONYMOUS,
+        deadline=0.0,
+    )
+    for salt_by_key in (False, True):
+        engine = ProxyEngine(ModelRegistry(), "http://127.0.0.1:9", salt_by_key=salt_by_key)
+        body, _ = engine._upstream_body(call)
+        forwarded = json.loads(body)
+        assert "cache_share_system" not in forwarded
+        assert forwarded["cache_salt"] == "visitor-1"  # open server: the client's, as sent
+        assert forwarded["messages"] == sent["messages"]

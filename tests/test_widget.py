@@ -151,3 +151,25 @@ def test_widget_key_is_rate_limited(server):
         client.chat.completions.create(model="tiny", messages=msg, max_tokens=4)
     assert int(caught.value.response.headers["retry-after"]) >= 1
     assert caught.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_each_page_view_sends_its_own_cache_salt(server):
+    """The widget's visitors share one key: a salt per page view keeps each conversation out
+    of the others' prefix cache, and `cache_share_system` keeps the system prompt shared."""
+    bodies = []
+    for _ in range(2):
+        with chromium_page() as page:
+            page.on(
+                "request",
+                lambda r: (
+                    bodies.append(r.post_data_json)
+                    if r.url.endswith("/v1/chat/completions") and r.method == "POST"
+                    else None
+                ),
+            )
+            page.goto(f"{server.url}/widget/demo")
+            assert "⚠" not in _chat_in_widget(page)
+    salts = [b["cache_salt"] for b in bodies]
+    assert len(salts) == 2 and salts[0] != salts[1]
+    assert all(len(s) == 32 and int(s, 16) >= 0 for s in salts)
+    assert all(b["cache_share_system"] is True for b in bodies)

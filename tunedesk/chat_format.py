@@ -210,6 +210,17 @@ def encode_prompt(
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_messages(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids of `messages` rendered as they stand (no generation prompt), tokenised as
+    `encode_prompt` tokenises: e.g. a system turn alone, to find it at the head of a prompt."""
+    text = _render(tokenizer, messages, tools, add_generation_prompt=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """Ids that end generation: the end-of-turn token and eos (deduplicated, in that order)."""
     ids: list[int] = []

@@ -286,9 +286,12 @@ class ProxyEngine(Engine):
         options = getattr(call.body, "stream_options", None)
         add_usage = self.ask_usage and streaming and not (options and options.include_usage)
         salt = cache_salt(call) if self.salt_by_key else None
-        if not add_usage and salt is None:
+        # Ours, not vLLM's or OpenAI's: an upstream may refuse a field it does not know.
+        ours = "cache_share_system" in getattr(call.body, "model_fields_set", ())
+        if not add_usage and salt is None and not ours:
             return call.raw, False
         data = json.loads(call.raw)
+        data.pop("cache_share_system", None)
         if add_usage:
             data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
         if salt is not None:

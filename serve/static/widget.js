@@ -29,6 +29,14 @@
     color: ds.color || "#2563eb",
     maxTokens: parseInt(ds.maxTokens || "256", 10),
   };
+  // One salt per page view: the server's prefix cache then shares this visitor's conversation
+  // with no other visitor (a cache hit is faster, which would tell one visitor what another
+  // asked), while the system prompt, public in this page anyway, stays shared.
+  var salt = Array.prototype.map
+    .call(crypto.getRandomValues(new Uint8Array(16)), function (b) {
+      return ("0" + b.toString(16)).slice(-2);
+    })
+    .join("");
 
   var host = document.createElement("div");
   host.id = "tunedesk-widget";
@@ -112,7 +120,14 @@
       var res = await fetch(cfg.endpoint + "/chat/completions", {
         method: "POST",
         headers: headers,
-        body: JSON.stringify({ model: cfg.model, messages: messages, stream: true, max_tokens: cfg.maxTokens }),
+        body: JSON.stringify({
+          model: cfg.model,
+          messages: messages,
+          stream: true,
+          max_tokens: cfg.maxTokens,
+          cache_salt: salt,
+          cache_share_system: true,
+        }),
         signal: controller.signal,
       });
       if (!res.ok) {

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import torch
 
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
-from tunedesk.serve.engines.local.prefix_cache import Block
+from tunedesk.serve.engines.local.prefix_cache import NO_SCOPE, Block, CacheScope
 from tunedesk.serve.engines.local.runners import Runner, make_runner
 from tunedesk.serve.engines.local.sampling import SamplingParams, finite_rows, sample
 
@@ -88,9 +88,9 @@ class Sequence:
     """Prompt tokens whose keys and values came from the prefix cache."""
     finished_ok: bool = False
     """Done with a finish reason (not failed): its cache is worth keeping."""
-    cache_scope: str = ""
-    """Sequences share cached prefixes only within a scope (the server uses the API key's
-    name): how fast a first token comes must not tell one key what another one asked."""
+    cache_scope: CacheScope = NO_SCOPE
+    """Which cached prefixes it may use (the server's: its API key, and its salt): how fast a
+    first token comes must not tell one caller what another one asked."""
 
 
 class EngineDead(RuntimeError):

@@ -12,6 +12,7 @@ from tunedesk.serve.engines.local.batcher import (
     Sequence,
     StepBatcher,
 )
+from tunedesk.serve.engines.local.prefix_cache import NO_SCOPE, CacheScope
 from tunedesk.serve.engines.local.sampling import SamplingParams
 from tunedesk.serve.errors import EngineFailure, GatewayTimeout, Unavailable
 
@@ -27,7 +28,7 @@ class Generation:
         batcher: StepBatcher,
         jobs: list[tuple[list[int], SamplingParams]],
         deadline: float,
-        cache_scope: str = "",
+        cache_scope: CacheScope = NO_SCOPE,
     ) -> None:
         """Submit one sequence per (prompt ids, params); the list index is the choice index.
         `cache_scope`: prompts share cached prefixes only with the same scope."""

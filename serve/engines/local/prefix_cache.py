@@ -12,11 +12,14 @@ Blocks are evicted least recently used first, once their bytes pass the budget. 
 whole chain recent, the first block most recent of all: a chain loses its tail before its
 head, and a block whose parent is gone is never matched again and ages out.
 
-Blocks live in scopes (the server's is the API key's name): a chain starts at its scope's
-root, so prompts share blocks only within a scope. A shared cache answers a hit faster than a
-miss, and that timing would tell one tenant whether another sent a given prefix. Callers of
-one key still share (a widget's visitors all use its key: that is what shares its system
-prompt); a request's `cache_salt` narrows its scope further, at the cost of that sharing.
+Blocks live in scopes (`CacheScope`): a chain starts at its API key's root, so prompts share
+blocks only within a key. A shared cache answers a hit faster than a miss, and that timing
+would tell one tenant whether another sent a given prefix. Callers of one key still share,
+unless a request brings a salt (vLLM's `cache_salt`): its chain then branches off at its first
+block, or, where the request says its system turn may be shared (`shared` tokens), at the
+first block past that turn. A widget does the latter with a salt per visitor: every visitor
+reuses the system prompt, which is in the page for anyone to read, and no visitor can time
+another's conversation.
 
 The cached keys carry their rotary position, so a block is only valid at the positions it was
 computed at; every prompt's tokens sit at positions 0.. in the lean forward, so a prefix block
@@ -27,15 +30,42 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    """Which cached blocks a prompt may use and which its own blocks join."""
+
+    key: str = ""
+    """The API key's name: chains start at the key's root (an open server's callers are one)."""
+    salt: str | None = None
+    """Branches the chain off, at the first block not wholly within `shared`: only prompts with
+    the same key and salt share what follows."""
+    shared: int = 0
+    """Leading tokens still shared within the key despite the salt (a system turn whose text is
+    public); whole blocks only."""
+
+    def branch_at(self, block_size: int) -> int:
+        """The index of the first salted block (-1: no salt)."""
+        return -1 if self.salt is None else self.shared // block_size
+
+
+Parent = Hashable
+"""A block's id, or a chain's start: ("key", name) or ("salt", parent, salt). Made up where
+needed, never stored apart from the blocks that use them: a salt per visitor costs nothing
+once its blocks are evicted."""
+
+NO_SCOPE = CacheScope()
 
 
 class Block:
     __slots__ = ("id", "key", "tokens", "kv", "nbytes")
 
-    def __init__(self, id: int, key: tuple[int, tuple[int, ...]], kv: torch.Tensor) -> None:
+    def __init__(self, id: int, key: tuple[Parent, tuple[int, ...]], kv: torch.Tensor) -> None:
         self.id = id
         self.key = key
         self.tokens = key[1]
@@ -51,25 +81,26 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self.block_size = block_size
         self.bytes = 0
-        self._blocks: OrderedDict[tuple[int, tuple[int, ...]], Block] = OrderedDict()
+        self._blocks: OrderedDict[tuple[Parent, tuple[int, ...]], Block] = OrderedDict()
         self._ids = itertools.count(1)
-        self._roots: dict[str, int] = {}  # scope -> the (non-positive) id its chains start at
 
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def _root(self, scope: str) -> int:
-        return self._roots.setdefault(scope, -len(self._roots))
-
-    def match(self, prompt: Sequence[int], leave_last: bool = True, scope: str = "") -> list[Block]:
+    def match(
+        self, prompt: Sequence[int], leave_last: bool = True, scope: CacheScope = NO_SCOPE
+    ) -> list[Block]:
         """The cached blocks `prompt` starts with, leaving at least its last token uncached
         (a prompt to prefill needs its last position's logits; `leave_last=False` for tokens
         that are only being stored)."""
         bs = self.block_size
         usable = (len(prompt) - leave_last) // bs
         chain: list[Block] = []
-        parent = self._root(scope)
+        parent: Parent = ("key", scope.key)
+        branch_at = scope.branch_at(bs)
         for i in range(usable):
+            if i == branch_at:
+                parent = ("salt", parent, scope.salt)
             block = self._blocks.get((parent, tuple(prompt[i * bs : (i + 1) * bs])))
             if block is None:
                 break
@@ -79,7 +110,11 @@ class PrefixCache:
         return chain
 
     def store(
-        self, prompt: Sequence[int], prefix: list[Block], kv: torch.Tensor, scope: str = ""
+        self,
+        prompt: Sequence[int],
+        prefix: list[Block],
+        kv: torch.Tensor,
+        scope: CacheScope = NO_SCOPE,
     ) -> None:
         """Keep `prompt`'s whole blocks after `prefix` (the blocks it matched).
 
@@ -88,9 +123,12 @@ class PrefixCache:
         the same group stored it) is reused, not copied."""
         bs = self.block_size
         chain = list(prefix)
-        parent = chain[-1].id if chain else self._root(scope)
+        parent: Parent = chain[-1].id if chain else ("key", scope.key)
+        branch_at = scope.branch_at(bs)
         start = len(chain) * bs
         for i in range(len(chain), len(prompt) // bs):
+            if i == branch_at:
+                parent = ("salt", parent, scope.salt)
             key = (parent, tuple(prompt[i * bs : (i + 1) * bs]))
             block = self._blocks.get(key)
             if block is None:

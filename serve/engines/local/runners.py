@@ -24,7 +24,13 @@ from transformers import DynamicCache
 
 from tunedesk.serve.engines.local.fastpath import LeanDecoder, unsupported_reason
 from tunedesk.serve.engines.local.kv import BatchCache, check_supported
-from tunedesk.serve.engines.local.prefix_cache import Block, PrefixCache, gather
+from tunedesk.serve.engines.local.prefix_cache import (
+    NO_SCOPE,
+    Block,
+    CacheScope,
+    PrefixCache,
+    gather,
+)
 
 log = logging.getLogger("tunedesk.serve")
 
@@ -42,7 +48,7 @@ class Runner(Protocol):
         mask: torch.Tensor,
         positions: torch.Tensor,
         prefixes: list[list[Block]] | None = None,
-        scopes: list[str] | None = None,
+        scopes: list[CacheScope] | None = None,
     ) -> torch.Tensor:
         """Left-padded prompts [n, W] -> next-token logits [n, V]; their rows join the batch.
         With `prefixes` (only where `prefix_cache` is set): each row's cached blocks, all of
@@ -52,7 +58,7 @@ class Runner(Protocol):
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row [B, 1] -> next-token logits [B, V]."""
 
-    def store_row(self, row: int, tokens: list[int], scope: str = "") -> None:
+    def store_row(self, row: int, tokens: list[int], scope: CacheScope = NO_SCOPE) -> None:
         """Keep a finished row's blocks in the prefix cache (where there is one)."""
 
     def remove(self, dead: list[int]) -> list[int]:
@@ -81,7 +87,7 @@ class LeanRunner:
         mask: torch.Tensor,
         positions: torch.Tensor,
         prefixes: list[list[Block]] | None = None,
-        scopes: list[str] | None = None,
+        scopes: list[CacheScope] | None = None,
     ) -> torch.Tensor:
         past = gather(prefixes) if prefixes and prefixes[0] else None
         logits, cache = self.decoder.prefill(ids, positions, mask, past)
@@ -92,10 +98,10 @@ class LeanRunner:
             self.slab.join(cache, mask)
         if self.prefix_cache is not None:
             rows = ids.shape[0]
-            self._store(ids, mask, cache, prefixes or [[]] * rows, scopes or [""] * rows)
+            self._store(ids, mask, cache, prefixes or [[]] * rows, scopes or [NO_SCOPE] * rows)
         return logits
 
-    def store_row(self, row: int, tokens: list[int], scope: str = "") -> None:
+    def store_row(self, row: int, tokens: list[int], scope: CacheScope = NO_SCOPE) -> None:
         """Keep the whole blocks of a finished row's tokens (its prompt and every generated
         token the model has read: all but the last), from the slab, before the row leaves."""
         pc = self.prefix_cache
@@ -124,7 +130,7 @@ class LeanRunner:
         mask: torch.Tensor,
         cache: Any,
         prefixes: list[list[Block]],
-        scopes: list[str],
+        scopes: list[CacheScope],
     ) -> None:
         pc = self.prefix_cache
         assert pc is not None
@@ -174,7 +180,7 @@ class TransformersRunner:
         mask: torch.Tensor,
         positions: torch.Tensor,
         prefixes: list[list[Block]] | None = None,
-        scopes: list[str] | None = None,
+        scopes: list[CacheScope] | None = None,
     ) -> torch.Tensor:
         if prefixes and prefixes[0]:
             raise ValueError("the transformers runner keeps no prefix cache")
@@ -191,7 +197,7 @@ class TransformersRunner:
         self.cache.append(cache, mask)
         return out.logits[:, -1, :]
 
-    def store_row(self, row: int, tokens: list[int], scope: str = "") -> None:
+    def store_row(self, row: int, tokens: list[int], scope: CacheScope = NO_SCOPE) -> None:
         pass
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

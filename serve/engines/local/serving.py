@@ -16,13 +16,14 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from tunedesk.chat_format import ChatFormatError, encode_prompt
+from tunedesk.chat_format import ChatFormatError, encode_messages, encode_prompt
 from tunedesk.serve.context import RequestContext
 from tunedesk.serve.engines.base import ApiCall
 from tunedesk.serve.engines.local.batcher import SeqOutput
 from tunedesk.serve.engines.local.formats import ChatFormat, Choices, CompletionFormat
 from tunedesk.serve.engines.local.generation import Generation
 from tunedesk.serve.engines.local.models import LoadedModel, LocalModels
+from tunedesk.serve.engines.local.prefix_cache import CacheScope
 from tunedesk.serve.engines.local.sampling import SamplingParams
 from tunedesk.serve.errors import BadRequest, ContextLengthExceeded, EngineFailure, OpenAIError
 from tunedesk.serve.metrics import Metrics
@@ -66,12 +67,24 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def cache_scope(call: ApiCall[Any]) -> str:
+def cache_scope(call: ApiCall[Any], shared: int = 0) -> CacheScope:
     """Who may share cached prefixes: callers of one API key (all of an open server's callers
-    are one), narrowed by the request's `cache_salt` if it sends one."""
+    are one), narrowed by the request's `cache_salt` if it sends one, after its first `shared`
+    tokens."""
     salt = getattr(call.body, "cache_salt", None)
-    key = call.ctx.key_name or ""
-    return key if salt is None else f"{key}\x00{salt}"
+    return CacheScope(key=call.ctx.key_name or "", salt=salt, shared=shared if salt else 0)
+
+
+def system_turn_tokens(tokenizer: Any, messages: list[dict[str, Any]], prompt: list[int]) -> int:
+    """How many of `prompt`'s leading tokens are its system turn (0 without one, or where the
+    system turn alone does not tokenise to a prefix of the whole prompt)."""
+    if not messages or messages[0]["role"] != "system":
+        return 0
+    try:
+        head = encode_messages(tokenizer, messages[:1])
+    except ChatFormatError:
+        return 0
+    return len(head) if prompt[: len(head)] == head else 0
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -197,7 +210,13 @@ class LocalServing:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         fmt = ChatFormat(body.model, include_usage)
         logged = {"messages": messages} if self.settings.log_content else None
-        return await self._respond(call, lm, jobs, len(prompt), fmt, bool(body.stream), logged)
+        shared = 0
+        if body.cache_salt and body.cache_share_system:
+            shared = system_turn_tokens(lm.tokenizer, messages, prompt)
+        scope = cache_scope(call, shared)
+        return await self._respond(
+            call, lm, jobs, len(prompt), fmt, bool(body.stream), logged, scope
+        )
 
     # --- completions ---------------------------------------------------------------------
 
@@ -242,7 +261,10 @@ class LocalServing:
         fmt = CompletionFormat(body.model, include_usage)
         logged = {"prompt": prompts} if self.settings.log_content else None
         prompt_tokens = sum(len(ids) for ids in encoded)
-        return await self._respond(call, lm, jobs, prompt_tokens, fmt, bool(body.stream), logged)
+        scope = cache_scope(call)
+        return await self._respond(
+            call, lm, jobs, prompt_tokens, fmt, bool(body.stream), logged, scope
+        )
 
     # --- shared --------------------------------------------------------------------------
 
@@ -255,11 +277,12 @@ class LocalServing:
         fmt: Format,
         stream: bool,
         logged: dict[str, Any] | None,
+        scope: CacheScope,
     ) -> Response:
         ctx, name = call.ctx, lm.spec.name
         ctx.model = name
         ctx.content = logged
-        gen = Generation(lm.batcher, jobs, call.deadline, cache_scope=cache_scope(call))
+        gen = Generation(lm.batcher, jobs, call.deadline, cache_scope=scope)
         ctx.add_tokens(prompt=prompt_tokens)
         self.metrics.prompt_tokens.labels(name).inc(prompt_tokens)
         timing = _Timing(self.metrics, name, ctx, len(jobs))

@@ -148,7 +148,10 @@ def test_gateway_mode_measures_both_paths_and_stops_the_upstream(
             (level,) = run[label]
             assert level["requests_ok"] == 4 and level["errors"] == 0, (label, level)
             assert level["tokens_per_req"] == 8
-            assert level["server_cpu"] is not None and level["server_cpu"] > 0
+            assert level["server_cpu"] is not None and level["server_cpu"] >= 0
+        # The gateway may relay 4 short requests in under one clock tick (10 ms) of its own CPU;
+        # the direct path's server includes the upstream's engine, which never does.
+        assert run["direct"][0]["server_cpu"] > 0
     assert [s["concurrency"] for s in data["summary"]] == [2]
     assert "TTFT added ms" in stdout
     # The upstream the bench started is gone with it.

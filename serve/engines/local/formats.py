@@ -65,14 +65,13 @@ class ChunkTemplate:
         first, second = (_INDEX_SLOT, text_mark) if self._index_first else (text_mark, _INDEX_SLOT)
         head, rest = sample.split(first, 1)
         middle, tail = rest.split(second, 1)
-        if self._index_first:
-            head += b'"index":'
-        else:
-            middle += b'"index":'
         self._head, self._middle, self._tail = head, middle, tail
 
     def render(self, index: int, text: str) -> bytes:
-        slots = (str(index).encode(), json.dumps(text, ensure_ascii=False).encode("utf-8"))
+        slots = (
+            _key("index", str(index).encode()),
+            json.dumps(text, ensure_ascii=False).encode("utf-8"),
+        )
         a, b = slots if self._index_first else slots[::-1]
         return b"".join((self._head, a, self._middle, b, self._tail))
 

@@ -72,7 +72,7 @@ def cache_scope(call: ApiCall[Any], shared: int = 0) -> CacheScope:
     are one), narrowed by the request's `cache_salt` if it sends one, after its first `shared`
     tokens."""
     salt = getattr(call.body, "cache_salt", None)
-    return CacheScope(key=call.ctx.key_name or "", salt=salt, shared=shared if salt else 0)
+    return CacheScope(key=call.ctx.key_name or "", salt=salt, shared=shared)
 
 
 def system_turn_tokens(tokenizer: Any, messages: list[dict[str, Any]], prompt: list[int]) -> int:

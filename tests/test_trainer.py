@@ -369,6 +369,72 @@ def test_processes_2_trains_one_job_in_two_processes_like_one(
     assert [e["message"] for e in two.events()].count("Job resumed") == 1
 
 
+@pytest.mark.slow
+def test_processes_2_stop_like_one_process(tiny_base, prepared_dir, tmp_path):
+    """Ctrl-C (a SIGINT to the terminal's foreground group) and `jobs cancel` end a
+    `--processes 2` job as they end a one-process job: a checkpoint, status cancelled, exit 1,
+    every process gone, and none of torchrun's tracebacks or failure reports."""
+    import psutil
+
+    job_id = "ftjob-0000000000c1"
+    fields = {"epochs": 1000.0, "max_steps": 2000, "save_every": 5, "log_every": 1}
+    cfg_path = make_config(tmp_path, tiny_base, prepared_dir, **fields)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "WORLD_SIZE")}
+    job = JobStore(tmp_path / "runs").get  # the job exists once the command has started
+
+    def start(*args: str) -> subprocess.Popen:
+        # Its own process group, as a terminal gives a foreground command.
+        return subprocess.Popen(
+            [sys.executable, "-m", "tunedesk.cli", "train", *args, "--processes", "2"]
+            + ["--no-progress"],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+        )
+
+    def train_steps() -> int:
+        metrics = tmp_path / "runs" / job_id / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return sum(json.loads(line)["split"] == "train" for line in lines)
+
+    def finish(proc: subprocess.Popen) -> str:
+        try:
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 1, stderr[-3000:]  # as one process: only success exits 0
+        assert "Traceback" not in stderr and "FAILED" not in stderr, stderr[-3000:]
+        assert not [p for p in psutil.process_iter(["cmdline"]) if job_id in (p.cmdline() or [])]
+        return stderr
+
+    # Ctrl-C once it has trained a few steps.
+    proc = start(str(cfg_path), "--job-id", job_id)
+    _wait_for(lambda: train_steps() >= 3, 180, "three training steps", poll=0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stderr = finish(proc)
+    info = job(job_id).info()
+    stopped_at = info["summary"]["step"]
+    assert info["status"] == "cancelled" and 3 <= stopped_at < 2000
+    assert f"Cancelled at step {stopped_at}/2000" in stderr
+    assert (tmp_path / "runs" / job_id / "checkpoints" / f"step-{stopped_at}").is_dir()
+
+    # Resumed in two processes, then cancelled as `tunedesk jobs cancel` does (SIGTERM to the
+    # process the job's status names, rank 0 here).
+    proc = start("--resume", job_id)
+    _wait_for(lambda: train_steps() >= stopped_at + 2, 180, "two more steps", poll=0.2)
+    JobStore(tmp_path / "runs").cancel(job_id)
+    finish(proc)
+    info = job(job_id).info()
+    assert info["status"] == "cancelled"
+    assert info["summary"]["resumed_from_step"] == stopped_at
+    assert info["summary"]["step"] >= stopped_at + 2
+    messages = [e["message"] for e in job(job_id).events()]
+    assert messages.count("Job cancelled") == 2 and messages.count("Job resumed") == 1
+
+
 def test_processes_must_be_positive_and_stay_in_the_foreground(
     tiny_base, prepared_dir, tmp_path, monkeypatch, capsys
 ):

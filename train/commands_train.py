@@ -7,9 +7,12 @@ handlers (and not at all by `jobs` or `train --detach`, which stay quick).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -160,7 +163,7 @@ def _train(args: argparse.Namespace) -> int:
             job = job or _open_or_create(store, cfg, args.job_id)
         except JobError as exc:
             raise CommandError(str(exc)) from None
-        return _launch_processes(args, overrides, job.id)
+        return _launch_processes(args, overrides, store, job.id)
 
     if _rank() != 0:
         # A non-main process of a multi-GPU launch: train only; rank 0 keeps the job's books.
@@ -197,6 +200,11 @@ def _train(args: argparse.Namespace) -> int:
     except JobError as exc:
         raise CommandError(str(exc)) from None
     _print_final(final)
+    if final["status"] == "cancelled" and "WORLD_SIZE" in os.environ:
+        # Under a launcher (torchrun, accelerate), a non-zero exit is reported as a crashed
+        # worker, with a page of traceback; a cancel is a deliberate stop, and the job's
+        # status says so (`--processes` maps it back to exit 1 below).
+        return 0
     return 0 if final["status"] == "succeeded" else 1
 
 
@@ -212,16 +220,17 @@ def _open_or_create(store, cfg, job_id: str | None):
         return store.create(cfg, job_id=job_id)
 
 
-def _launch_processes(args: argparse.Namespace, overrides: list[str], job_id: str) -> int:
+def _launch_processes(
+    args: argparse.Namespace, overrides: list[str], store: Any, job_id: str
+) -> int:
     """Run this same command in `args.processes` processes under torchrun, one job for all.
 
     On CPU, small models gain little from a second thread per matmul, while a second process
     doubles the work done at once: on the tiny recipe, 2 processes x 1 thread trained 1.5x
-    faster than 1 process x 2 threads (bench/train_processes.py). The global batch is unchanged (each process takes its
-    share), so the recipe means the same thing with any process count.
+    faster than 1 process x 2 threads (bench/train_processes.py). The global batch is
+    unchanged (each process takes its share), so the recipe means the same thing with any
+    process count.
     """
-    import subprocess
-
     n = args.processes
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
     argv += ["-m", "tunedesk.cli", "train"]
@@ -237,7 +246,47 @@ def _launch_processes(args: argparse.Namespace, overrides: list[str], job_id: st
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     print(f"job {job_id}: {n} processes (torchrun)", file=sys.stderr)
-    return subprocess.run(argv, env=env).returncode
+    # torchrun in a session of its own: Ctrl-C in a terminal reaches the whole foreground
+    # group, and torchrun answers any signal with a traceback while it stops the workers.
+    # Stops go to the workers instead, which checkpoint and end the job as cancelled (a
+    # second Ctrl-C aborts, as with one process); torchrun then exits quietly.
+    returncode = _run_forwarding_stops(argv, env)
+    if store.get(job_id).info()["status"] == "succeeded":
+        return 0
+    return returncode or 1  # as with one process, only a succeeded job exits 0
+
+
+def _run_forwarding_stops(argv: list[str], env: dict[str, str]) -> int:
+    """Run the launcher `argv` in a session of its own until it exits, passing each SIGINT,
+    SIGTERM or SIGHUP this process gets on to its workers as a SIGINT; its exit code."""
+    import psutil
+
+    asked = sent = 0
+
+    def ask(signum: int, frame: Any) -> None:
+        nonlocal asked
+        asked += 1
+
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # Caught before the launcher starts: a stop in between must not leave it running alone.
+    previous = {sig: signal.signal(sig, ask) for sig in stop_signals}
+    try:
+        launcher = subprocess.Popen(argv, env=env, start_new_session=True)
+        while launcher.poll() is None:
+            if sent < asked:
+                # Workers not started yet get it on a later turn, once they are.
+                with contextlib.suppress(psutil.Error):
+                    workers = psutil.Process(launcher.pid).children()
+                    for worker in workers:
+                        with contextlib.suppress(psutil.NoSuchProcess):
+                            worker.send_signal(signal.SIGINT)
+                    sent += 1 if workers else 0
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                launcher.wait(timeout=0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return launcher.returncode
 
 
 def _runs_dir_from(overrides: list[str]) -> str | None:

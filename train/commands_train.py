@@ -200,12 +200,17 @@ def _train(args: argparse.Namespace) -> int:
     except JobError as exc:
         raise CommandError(str(exc)) from None
     _print_final(final)
-    if final["status"] == "cancelled" and "WORLD_SIZE" in os.environ:
-        # Under a launcher (torchrun, accelerate), a non-zero exit is reported as a crashed
-        # worker, with a page of traceback; a cancel is a deliberate stop, and the job's
-        # status says so (`--processes` maps it back to exit 1 below).
+    if final["status"] == "cancelled" and os.environ.get(_STATUS_EXIT) == "1":
+        # torchrun reports a non-zero exit as a crashed worker, with a page of traceback; a
+        # cancel is a deliberate stop, and `--processes` maps the job's status back to exit 1.
         return 0
     return 0 if final["status"] == "succeeded" else 1
+
+
+# Set by `--processes` for its workers: the launching process turns the job's status into
+# the exit code, so a worker of a cancelled job exits 0 (a manual torchrun or accelerate launch
+# keeps exit 1 for a cancel, as one process does).
+_STATUS_EXIT = "TUNEDESK_PARENT_READS_STATUS"
 
 
 def _open_or_create(store, cfg, job_id: str | None):
@@ -245,6 +250,7 @@ def _launch_processes(
     # the cores. (Ignored on GPU, where each process drives its own device.)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env[_STATUS_EXIT] = "1"
     print(f"job {job_id}: {n} processes (torchrun)", file=sys.stderr)
     # torchrun in a session of its own: Ctrl-C in a terminal reaches the whole foreground
     # group, and torchrun answers any signal with a traceback while it stops the workers.

@@ -302,3 +302,20 @@ def test_adapter_with_its_own_head_unties_it_in_the_merged_model(tiny_base, tmp_
     # The input side is the base's, untouched.
     base_embed = AutoModelForCausalLM.from_pretrained(tiny_base).get_input_embeddings().weight
     assert torch.equal(embed, base_embed)
+
+
+def test_tunedesk_drops_bitsandbytes_warning_about_a_hub_kernel_it_never_runs():
+    """On a CPU with AVX512-BF16, importing peft (merge, adapters, training) makes bitsandbytes
+    warn that it could not fetch an inference kernel from the hub. With tunedesk imported
+    first, as every tunedesk command and process does, the line is gone."""
+    import subprocess
+    import sys
+
+    def stderr_of(code: str) -> str:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stderr
+
+    if "Failed to load CPU gemm_4bit_forward" not in stderr_of("import peft"):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not warn here")
+    assert "Failed to load" not in stderr_of("import tunedesk, peft")

@@ -344,6 +344,8 @@ def test_processes_2_trains_one_job_in_two_processes_like_one(
 
     stderr = train_in_two_processes(str(cfg_path), "--job-id", "ftjob-000000000002")
     assert "2 processes (torchrun)" in stderr
+    # One process speaks: no model-loading bars from each worker drawn over each other.
+    assert "Loading weights" not in stderr and stderr.count("Loaded ") == 1
 
     store = JobStore(tmp_path / "runs")
     one, two = store.get("ftjob-000000000001"), store.get("ftjob-000000000002")

@@ -37,7 +37,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +243,9 @@ def _train(
         # process's device.
         load_kwargs["device_map"] = {"": accelerator.local_process_index if on_cuda else "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, **load_kwargs)
+        # One "Loading weights" bar, not one per process drawn over each other.
+        with _progress_bars(progress and main):
+            model = AutoModelForCausalLM.from_pretrained(base, **load_kwargs)
     except Exception as exc:
         raise TrainingError(
             f"base_model {cfg.base_model!r}: can't load it ({exc})", "config_error"
@@ -752,6 +754,22 @@ def _get_rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+@contextmanager
+def _progress_bars(shown: bool):
+    """transformers' own progress bars (model loading) hidden unless `shown`; never turned on
+    where the user turned them off (HF_HUB_DISABLE_PROGRESS_BARS)."""
+    from transformers.utils import logging as hf_logging
+
+    if shown or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:

@@ -442,6 +442,24 @@ def test_processes_2_stop_like_one_process(tiny_base, prepared_dir, tmp_path):
     messages = [e["message"] for e in job(job_id).events()]
     assert messages.count("Job cancelled") == 2 and messages.count("Job resumed") == 1
 
+    # The command itself SIGKILLed (it can't pass anything on): torchrun, out of the
+    # terminal's reach in its own session, must not train on unowned. The kernel tells it
+    # (parent-death signal), and the job still ends cancelled with a checkpoint.
+    stopped_at = job(job_id).info()["summary"]["step"]
+    proc = start("--resume", job_id)
+    _wait_for(lambda: train_steps() >= stopped_at + 2, 180, "two more steps", poll=0.2)
+    proc.kill()
+    try:
+        proc.communicate(timeout=120)  # its stderr stays open until torchrun's workers exit
+        _wait_for(lambda: not job_processes(), 30, "the job's processes to exit")
+    finally:
+        for p in job_processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    info = job(job_id).info()
+    assert info["status"] == "cancelled" and info["summary"]["step"] >= stopped_at + 2
+    assert (tmp_path / "runs" / job_id / "checkpoints" / f"step-{info['summary']['step']}").is_dir()
+
 
 def test_processes_must_be_positive_and_stay_in_the_foreground(
     tiny_base, prepared_dir, tmp_path, monkeypatch, capsys

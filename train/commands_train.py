@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +278,9 @@ def _run_forwarding_stops(argv: list[str], env: dict[str, str]) -> int:
     # Caught before the launcher starts: a stop in between must not leave it running alone.
     previous = {sig: signal.signal(sig, ask) for sig in stop_signals}
     try:
-        launcher = subprocess.Popen(argv, env=env, start_new_session=True)
+        launcher = subprocess.Popen(
+            argv, env=env, start_new_session=True, preexec_fn=_stop_when_parent_dies()
+        )
         while launcher.poll() is None:
             if sent < asked:
                 # Workers not started yet get it on a later turn, once they are.
@@ -293,6 +296,27 @@ def _run_forwarding_stops(argv: list[str], env: dict[str, str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return launcher.returncode
+
+
+def _stop_when_parent_dies() -> Callable[[], None] | None:
+    """For the launcher's child side of fork: a SIGTERM when this process dies, SIGKILL
+    included, so torchrun (in a session of its own, out of the terminal's reach) stops its
+    workers, which checkpoint and end the job as cancelled, instead of training on unowned.
+    Linux only (prctl); elsewhere None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # before the fork: the child only calls it
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def in_child() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 def _runs_dir_from(overrides: list[str]) -> str | None:

@@ -98,6 +98,37 @@ def test_chat_completion_shape_and_usage(server, client):
     assert r.usage.prompt_tokens == len(encode_prompt(tok, MSG))
 
 
+def test_developer_turns_become_one_system_turn_first_as_vllm_renders_them(server, client):
+    """OpenAI's `developer` role is the system turn. Mixed with a system message, the turns
+    merge into one first system turn, as vLLM merges them (the vLLM engine must get the same
+    prompt); two system turns without a developer one stay an error, as there."""
+    from transformers import AutoTokenizer
+
+    from tunedesk.chat_format import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(server.tiny)
+    mixed = [
+        {"role": "developer", "content": "只回答基金问题。"},
+        {"role": "user", "content": "你好"},
+        {"role": "system", "content": "语气礼貌。"},
+        {"role": "user", "content": "申购费是多少？"},
+    ]
+    r = client.chat.completions.create(model="tiny", messages=mixed, max_tokens=1)
+    as_rendered = [
+        {"role": "system", "content": "只回答基金问题。\n\n语气礼貌。"},
+        {"role": "user", "content": "你好"},
+        {"role": "user", "content": "申购费是多少？"},
+    ]
+    assert r.usage.prompt_tokens == len(encode_prompt(tok, as_rendered))
+    alone = [{"role": "developer", "content": "只回答基金问题。"}, *MSG]
+    r = client.chat.completions.create(model="tiny", messages=alone, max_tokens=1)
+    assert r.usage.prompt_tokens == len(encode_prompt(tok, [{**alone[0], "role": "system"}, *MSG]))
+    with pytest.raises(openai.BadRequestError, match="system message is only allowed first"):
+        client.chat.completions.create(
+            model="tiny", messages=[*MSG, {"role": "system", "content": "x"}], max_tokens=1
+        )
+
+
 def test_stream_at_temperature_zero_reassembles_to_the_same_text(client):
     kw = dict(model="tiny", messages=MSG, max_tokens=40, temperature=0)
     full = client.chat.completions.create(**kw)

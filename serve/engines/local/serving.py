@@ -64,7 +64,21 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         # `developer` is OpenAI's newer name for the system turn.
         role = "system" if m.role == "developer" else m.role
         out.append({"role": role, "content": content or ""})
+    if any(m.role == "developer" for m in messages):
+        out = _one_system_turn_first(out)
     return out
+
+
+def _one_system_turn_first(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What vLLM does after turning developer messages into system ones, so that both engines
+    answer the same request alike: a system turn anywhere but first, or a second one, is
+    merged into one first turn (non-empty contents joined by a blank line)."""
+    systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
+    if systems in ([], [0]):
+        return messages
+    merged = "\n\n".join(messages[i]["content"] for i in systems if messages[i]["content"])
+    rest = [m for m in messages if m["role"] != "system"]
+    return [{"role": "system", "content": merged}, *rest]
 
 
 def cache_scope(call: ApiCall[Any], shared: int = 0) -> CacheScope:

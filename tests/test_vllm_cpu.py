@@ -1,0 +1,163 @@
+"""Where vLLM is installed, GPU or not: its own CLI accepts the `vllm serve` command the vLLM
+engine runs, and its own chat rendering gives the prompt tokens tunedesk trains and serves
+with. A renamed flag or a template that vLLM renders differently fails here, on CPU, instead
+of at a GPU server's start or in its answers. Skipped without vLLM (CI; `pip install
+'tunedesk[vllm]'`, or the bare wheel with `--no-deps` plus what it imports, runs them)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_serve_support import build_tiny, cache_root
+
+from tunedesk.serve.engines.vllm import chat_template_file, launch_for
+from tunedesk.serve.model_ref import build_registry
+from tunedesk.serve.settings import ServeSettings
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="needs vLLM installed (no GPU needed)"
+)
+
+# Without a GPU vLLM can't tell its platform; its CPU platform is enough to parse and render.
+CPU_PLATFORM = """
+from vllm import platforms
+if platforms.current_platform.is_unspecified():
+    from vllm.platforms.cpu import CpuPlatform
+    platforms.current_platform = CpuPlatform()
+"""
+
+# vLLM's own `serve` CLI, told to parse and validate only; what it parsed comes back as JSON.
+PARSE_WITH_VLLM = (
+    CPU_PLATFORM
+    + """
+import json, sys
+import vllm.entrypoints.cli.serve as serve
+def parsed(args):
+    print("PARSED " + json.dumps(vars(args), default=str))
+serve.ServeSubcommand.cmd = staticmethod(parsed)
+sys.argv = ["vllm", *sys.argv[1:]]
+from vllm.entrypoints.cli.main import main
+main()
+"""
+)
+
+# vLLM's chat pipeline as its server runs it for a request (protocol model -> chat params ->
+# renderer -> prompt token ids), with the template file the engine hands `vllm serve`.
+RENDER_WITH_VLLM = (
+    CPU_PLATFORM
+    + """
+import json, sys
+from vllm.config import ModelConfig, VllmConfig
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.renderers import renderer_from_config
+from vllm.renderers.chat_utils.chat_template import load_chat_template
+model, template_file, conversations = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+template = load_chat_template(template_file)
+config = ModelConfig(model=model, tokenizer=model)
+renderer = renderer_from_config(VllmConfig(model_config=config))
+out = []
+for messages in conversations:
+    req = ChatCompletionRequest(model="m", messages=messages, max_tokens=1)
+    _, prompt = renderer.render_messages(req.messages, req.build_chat_params(template, "auto", None))
+    [tokens] = renderer.tokenize_prompts([prompt], req.build_tok_params(config))
+    out.append(list(tokens["prompt_token_ids"]))
+print("RENDERED " + json.dumps(out))
+"""
+)
+
+
+def _run(script: str, *args: str, tag: str) -> object:
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith(tag + " ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix(tag + " "))
+
+
+def test_vllm_own_cli_accepts_the_command_line(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 64}))
+    s = ServeSettings(
+        model=str(base),
+        served_model_name="assistant",
+        loras=[f"faq={adapter}"],
+        tensor_parallel_size=2,
+        vllm_args="--max-model-len 4096",
+    )
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    cmd = launch_for(build_registry(s), s, scratch).command()
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.cli.main"]
+    args = _run(PARSE_WITH_VLLM, *cmd[3:], tag="PARSED")
+    assert args["model_tag"] == str(base.resolve())
+    assert args["served_model_name"] == ["assistant"]
+    assert args["generation_config"] == "vllm"
+    assert args["tensor_parallel_size"] == 2
+    assert Path(args["chat_template"]).read_text() == "{{ messages }}"
+    assert args["enable_lora"] is True and args["max_lora_rank"] == 64
+    [lora] = args["lora_modules"]  # vLLM's LoRAModulePath, as its repr
+    assert "name='faq'" in lora and f"path='{adapter.resolve()}'" in lora
+    assert args["max_model_len"] == 4096
+
+
+def test_vllm_renders_the_prompt_tunedesk_trains_and_serves_with(pytestconfig, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from tunedesk.chat_format import encode_prompt
+    from tunedesk.serve.engines.local.serving import template_messages
+    from tunedesk.serve.protocol import ChatMessage
+
+    tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
+    template = chat_template_file(str(tiny), tmp_path_factory.mktemp("template"))
+    conversations = [
+        [{"role": "user", "content": "医药和消费有什么基金推荐的"}],
+        [{"role": "system", "content": "你是基金客服。"}, {"role": "user", "content": "申购费？"}],
+        [
+            {"role": "system", "content": "你是基金客服。"},
+            {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "您好，请问有什么可以帮您？"},
+            {"role": "user", "content": "定投怎么设置"},
+        ],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "赎回"}, {"type": "text", "text": "多久"}],
+            }
+        ],
+        [
+            {"role": "developer", "content": "只答基金。"},
+            {"role": "user", "content": " a  b\n\n多行 "},
+        ],
+        [
+            {"role": "developer", "content": "A"},
+            {"role": "user", "content": "B"},
+            {"role": "system", "content": "C"},
+            {"role": "user", "content": "D"},
+        ],
+        [
+            {"role": "user", "content": "问"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": "再问"},
+        ],
+    ]
+    theirs = _run(
+        RENDER_WITH_VLLM, str(tiny), str(template), json.dumps(conversations), tag="RENDERED"
+    )
+    tok = AutoTokenizer.from_pretrained(tiny)
+    ours = [
+        encode_prompt(tok, template_messages([ChatMessage.model_validate(m) for m in c]))
+        for c in conversations
+    ]
+    for conversation, vllm_ids, our_ids in zip(conversations, theirs, ours, strict=True):
+        assert vllm_ids == list(our_ids), conversation

@@ -250,6 +250,9 @@ def build_servers(args: argparse.Namespace, model: str, log_dir: Path) -> list[S
             args.vllm_bin, "serve", model,
             "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", name,
+            # As tunedesk starts its child: sampling defaults are OpenAI's, not the checkpoint's
+            # generation_config.json (Qwen's asks for a repetition penalty, which costs a step).
+            "--generation-config", "vllm",
         ]  # fmt: skip
         if args.tensor_parallel_size:
             peer += ["--tensor-parallel-size", str(args.tensor_parallel_size)]

@@ -161,3 +161,40 @@ def test_vllm_renders_the_prompt_tunedesk_trains_and_serves_with(pytestconfig, t
     ]
     for conversation, vllm_ids, our_ids in zip(conversations, theirs, ours, strict=True):
         assert vllm_ids == list(our_ids), conversation
+
+
+def test_the_gpu_benchmark_runs_direct_vllm_as_tunedesk_runs_its_child(tmp_path):
+    """bench/serve_load.py --engine vllm compares tunedesk's gateway with `vllm serve` run
+    directly: both vLLMs must get the same settings, or the comparison measures those."""
+    from tunedesk.cli import build_parser
+    from tunedesk.serve.commands import settings_from_args
+
+    spec = importlib.util.spec_from_file_location(
+        "serve_load", Path(__file__).parents[1] / "bench" / "serve_load.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["serve_load"] = bench
+    spec.loader.exec_module(bench)
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    args = bench.parse_args(
+        ["--engine", "vllm", "--model", str(base), "--tensor-parallel-size", "2"]
+        + ["--vllm-arg=--max-model-len=4096", "--vllm-arg=--gpu-memory-utilization=0.5"]
+    )
+    ours, direct = bench.build_servers(args, str(base), tmp_path)
+    assert ours.argv[1:4] == ["-m", "tunedesk", "serve"]
+    settings = settings_from_args(build_parser().parse_args(ours.argv[3:]))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    child = launch_for(build_registry(settings), settings, scratch).command()
+
+    as_child = _run(PARSE_WITH_VLLM, *child[3:], tag="PARSED")
+    as_direct = _run(PARSE_WITH_VLLM, *direct.argv[1:], tag="PARSED")
+    for key in ("port", "chat_template", "model_tag", "dispatch_function"):
+        as_child.pop(key), as_direct.pop(key)  # the port, and the template file's name
+    assert as_direct == as_child
+    assert as_child["generation_config"] == "vllm" and as_child["max_model_len"] == 4096

@@ -55,9 +55,10 @@ class StreamOptions(BaseModel):
 
 FinishReason = Literal["stop", "length"]
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
-CacheSalt = Annotated[str, Field(min_length=1)] | None
+CacheSalt = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^@/\\\x00]+$")] | None
 """vLLM's `cache_salt`: only prompts with the same salt (and, here, the same API key) share
-cached prefixes."""
+cached prefixes. vLLM's rule for it too (at most 128 characters, none of `@ / \\` or NUL), so a
+salt works on every engine or on none."""
 
 
 class _Request(BaseModel):

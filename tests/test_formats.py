@@ -308,7 +308,7 @@ def test_chat_weights_typed_parts_tools_and_roles(tmp_path):
     assert _errors(result) == []
     (record,) = result.records
     msgs = record.messages
-    assert msgs[1] == {"role": "user", "content": "ab"}
+    assert msgs[1] == {"role": "user", "content": "a\nb"}  # joined as serving joins parts
     assert msgs[2]["content"] == "" and msgs[2]["weight"] == 0
     assert json.loads(msgs[2]["tool_calls"][0]["function"]["arguments"]) == {"x": 1}
     assert msgs[3] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
@@ -327,6 +327,37 @@ def test_chat_unknown_role_is_error_naming_the_field(tmp_path):
     (problem,) = result.problems
     assert (problem.code, problem.line, problem.field) == ("bad_role", 2, "messages[0].role")
     assert "messages[0].role" in problem.message
+
+
+def test_chat_developer_and_system_turns_merge_first_as_served(tmp_path):
+    """A developer turn is a system turn; with another system turn both become one first
+    turn, as a request with them is served (and rendered by vLLM). Without a developer turn
+    nothing moves: validation refuses a late system turn, as serving does."""
+    merged = {
+        "messages": [
+            {"role": "developer", "content": "只答基金。"},
+            {"role": "user", "content": "申购费？"},
+            {"role": "system", "content": "礼貌。"},
+            {"role": "assistant", "content": "按费率收取。"},
+        ]
+    }
+    late = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "system", "content": "s"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
+    rows = "\n".join(json.dumps(r, ensure_ascii=False) for r in (merged, late))
+    result = load_file(_write(tmp_path, "chat.jsonl", rows))
+    first, second = result.records
+    assert first.messages == [
+        {"role": "system", "content": "只答基金。\n\n礼貌。"},
+        {"role": "user", "content": "申购费？"},
+        {"role": "assistant", "content": "按费率收取。"},
+    ]
+    assert [(p.code, p.line) for p in result.problems] == [("merged_system_turns", 1)]
+    assert second.messages == late["messages"]  # left for validation to refuse, by line
 
 
 def test_alpaca_history_and_system(tmp_path):

@@ -497,7 +497,8 @@ def _parse_tools(value: Any, field: str) -> list[dict] | None:
 
 
 def _content(value: Any, field: str) -> str:
-    """A message content as str; typed text parts are concatenated."""
+    """A message content as str; typed text parts joined by newlines, as serving joins them
+    (and vLLM, for templates that take a string), so a conversation trains as it is served."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
@@ -520,7 +521,7 @@ def _content(value: Any, field: str) -> str:
             msg = f"field '{pf}' needs a string 'text' or 'value', got {_typename(text)}"
             raise _Bad("bad_type", msg, pf)
         texts.append(text)
-    return "".join(texts)
+    return "\n".join(texts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,6 +614,8 @@ def _chat_converter(spec: _Spec) -> _Converter:
     def convert(row: dict, warns: _Warnings) -> tuple[list[dict], list[dict] | None, dict]:
         turns = _req_list(row, key)
         messages = [_chat_message(m, f"{key}[{i}]", warns) for i, m in enumerate(turns)]
+        if any(isinstance(m, dict) and m.get("role") == "developer" for m in turns):
+            messages = _one_system_turn_first(messages, key, warns)
         if row.get(tools_key) is not None:
             tools = _parse_tools(row[tools_key], tools_key)
         else:
@@ -620,6 +623,18 @@ def _chat_converter(spec: _Spec) -> _Converter:
         return messages, tools, _meta(row, standard)
 
     return convert
+
+
+def _one_system_turn_first(messages: list[dict], key: str, warns: _Warnings) -> list[dict]:
+    """Developer and system turns merged into one first system turn, as serving (and vLLM)
+    merge them when a request has a developer turn, so the record trains as it is served."""
+    systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
+    if systems in ([], [0]):
+        return messages
+    merged = "\n\n".join(messages[i]["content"] for i in systems if messages[i]["content"])
+    msg = "developer and system turns merged into one first system turn, as they are served"
+    warns.append(("merged_system_turns", msg, key))
+    return [{"role": "system", "content": merged}, *(m for m in messages if m["role"] != "system")]
 
 
 def _chat_message(m: Any, f: str, warns: _Warnings) -> dict:

@@ -90,6 +90,19 @@ class Encoded:
         return sum(self.loss_mask)
 
 
+def one_system_turn_first(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every system turn merged into one first turn (non-empty contents joined by a blank
+    line), the rest in order: what vLLM does to a request with a `developer` turn once it is a
+    system turn, and so what serving and `prepare` do to such a conversation too. A
+    conversation with no system turn, or only a first one, comes back as it is."""
+    systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
+    if systems in ([], [0]):
+        return messages
+    merged = "\n\n".join(messages[i]["content"] for i in systems if messages[i]["content"])
+    rest = [m for m in messages if m["role"] != "system"]
+    return [{"role": "system", "content": merged}, *rest]
+
+
 def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # Drop keys the template never reads (weights, provenance) so they can't leak into a render.
     keep = ("role", "content", "tool_calls", "tool_call_id", "name")

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunedesk.chat_format import one_system_turn_first
+
 from .records import Problem, Record
 
 __all__ = ["FORMATS", "FormatError", "LoadResult", "Problem", "Record", "load_file"]
@@ -615,7 +617,11 @@ def _chat_converter(spec: _Spec) -> _Converter:
         turns = _req_list(row, key)
         messages = [_chat_message(m, f"{key}[{i}]", warns) for i, m in enumerate(turns)]
         if any(isinstance(m, dict) and m.get("role") == "developer" for m in turns):
-            messages = _one_system_turn_first(messages, key, warns)
+            merged = one_system_turn_first(messages)  # as such a conversation is served
+            if merged is not messages:
+                msg = "developer and system turns merged into one first system turn, as served"
+                warns.append(("merged_system_turns", msg, key))
+            messages = merged
         if row.get(tools_key) is not None:
             tools = _parse_tools(row[tools_key], tools_key)
         else:
@@ -623,18 +629,6 @@ def _chat_converter(spec: _Spec) -> _Converter:
         return messages, tools, _meta(row, standard)
 
     return convert
-
-
-def _one_system_turn_first(messages: list[dict], key: str, warns: _Warnings) -> list[dict]:
-    """Developer and system turns merged into one first system turn, as serving (and vLLM)
-    merge them when a request has a developer turn, so the record trains as it is served."""
-    systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
-    if systems in ([], [0]):
-        return messages
-    merged = "\n\n".join(messages[i]["content"] for i in systems if messages[i]["content"])
-    msg = "developer and system turns merged into one first system turn, as they are served"
-    warns.append(("merged_system_turns", msg, key))
-    return [{"role": "system", "content": merged}, *(m for m in messages if m["role"] != "system")]
 
 
 def _chat_message(m: Any, f: str, warns: _Warnings) -> dict:

@@ -16,7 +16,12 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from tunedesk.chat_format import ChatFormatError, encode_messages, encode_prompt
+from tunedesk.chat_format import (
+    ChatFormatError,
+    encode_messages,
+    encode_prompt,
+    one_system_turn_first,
+)
 from tunedesk.serve.context import RequestContext
 from tunedesk.serve.engines.base import ApiCall
 from tunedesk.serve.engines.local.batcher import SeqOutput
@@ -65,20 +70,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         role = "system" if m.role == "developer" else m.role
         out.append({"role": role, "content": content or ""})
     if any(m.role == "developer" for m in messages):
-        out = _one_system_turn_first(out)
+        out = one_system_turn_first(out)  # as vLLM renders such a request
     return out
-
-
-def _one_system_turn_first(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What vLLM does after turning developer messages into system ones, so that both engines
-    answer the same request alike: a system turn anywhere but first, or a second one, is
-    merged into one first turn (non-empty contents joined by a blank line)."""
-    systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
-    if systems in ([], [0]):
-        return messages
-    merged = "\n\n".join(messages[i]["content"] for i in systems if messages[i]["content"])
-    rest = [m for m in messages if m["role"] != "system"]
-    return [{"role": "system", "content": merged}, *rest]
 
 
 def cache_scope(call: ApiCall[Any], shared: int = 0) -> CacheScope:

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve models over an OpenAI-compatible API",
         description="OpenAI-compatible server: /v1/chat/completions, /v1/completions, "
-        "/v1/models, /health, /ready, /metrics. Every flag can also be set as TUNEDESK_<NAME> "
+        "/v1/models[/NAME], /health, /ready, /metrics. Every flag can also be set as TUNEDESK_<NAME> "
         "(e.g. TUNEDESK_API_KEYS=k1,k2).",
     )
     p.add_argument(

@@ -41,6 +41,11 @@ async def list_models(call: CallDep, service: ServiceDep) -> Response:
     return await service.models(call)
 
 
+@router.get("/v1/models/{model:path}")  # `:path`: served names may hold a "/" (org/name)
+async def retrieve_model(model: str, call: CallDep, service: ServiceDep) -> Response:
+    return await service.model(call, model)
+
+
 @router.post("/v1/chat/completions")
 async def create_chat_completion(
     body: ChatCompletionRequest, call: CallDep, service: ServiceDep

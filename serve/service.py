@@ -4,10 +4,11 @@ has been sent. Engine-independent, so the gateway and the local engine behave th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from tunedesk.serve.admission import Admission
 from tunedesk.serve.engines.base import ApiCall, Engine
@@ -46,6 +47,18 @@ class OpenAIService:
     async def models(self, call: ApiCall[None]) -> Response:
         self._authorize(call, "models")
         return await self.engine.models(call)
+
+    async def model(self, call: ApiCall[None], model: str) -> Response:
+        """One model's card, taken from the engine's list: vLLM serves no per-model route,
+        and a card must read the same in both places."""
+        self._authorize(call, "models", model)
+        listed = await self.engine.models(call)
+        if listed.status_code != 200:  # an upstream's error, relayed as it is
+            return listed
+        for card in json.loads(listed.body)["data"]:
+            if card.get("id") == model:
+                return JSONResponse(card)
+        raise ModelNotFound(model)
 
     async def chat_completions(self, call: ApiCall[ChatCompletionRequest]) -> Response:
         self._authorize(call, "chat", call.body.model)

@@ -205,12 +205,30 @@ def test_models_lists_every_served_model_and_runtime_registration(server, client
     try:
         models = {m.id: m for m in client.models.list()}
         assert name in models and models[name].parent == "tiny"
+        # The SDK's retrieve: the same card as in the list, for names with ":" too.
+        card = client.models.retrieve(name)
+        assert card.model_dump() == models[name].model_dump()
         r = client.chat.completions.create(model=name, messages=MSG, max_tokens=2)
         assert r.model == name and r.usage.completion_tokens >= 1
     finally:
         server.registry.unregister(name)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model=name, messages=MSG, max_tokens=2)
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve(name)
+    assert exc.value.code == "model_not_found" and exc.value.body["param"] == "model"
+
+
+def test_retrieve_a_model_whose_name_has_a_slash(server, client):
+    """Hub-style names (org/name) are served as they are; the route must not split them."""
+    name = "acme/tiny-faq"
+    server.registry.register(name, str(server.tiny), parent="tiny")
+    try:
+        card = client.models.retrieve(name)
+        assert card.id == name and card.parent == "tiny" and card.object == "model"
+        assert client.models.retrieve("tiny").id == "tiny"
+    finally:
+        server.registry.unregister(name)
 
 
 # --- auth -------------------------------------------------------------------------------
@@ -249,6 +267,8 @@ def test_widget_key_limited_to_chat_on_named_models(server):
         widget.chat.completions.create(model="tiny-nan", messages=MSG, max_tokens=1)
     with pytest.raises(openai.PermissionDeniedError):
         widget.completions.create(model="tiny", prompt="x", max_tokens=1)
+    with pytest.raises(openai.PermissionDeniedError):
+        widget.models.retrieve("tiny")
 
 
 # --- errors -----------------------------------------------------------------------------

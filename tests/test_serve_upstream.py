@@ -71,6 +71,9 @@ def test_gateway_answers_like_the_upstream(servers):
     )
     assert _counts(chunks[-1].usage) == _counts(a.usage)
     assert [m.id for m in via.models.list()] == [m.id for m in direct.models.list()]
+    assert via.models.retrieve("tiny") == direct.models.retrieve("tiny")
+    with pytest.raises(openai.NotFoundError):
+        via.models.retrieve("nope")
     c = via.completions.create(model="tiny", prompt="question ->", max_tokens=3, temperature=0)
     assert (
         c.choices[0].text

@@ -156,6 +156,32 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
+def _field_path(error: dict[str, Any], body: Any) -> tuple[Any, ...]:
+    """The error's location with pydantic's union-member steps taken out: ('stop', 'list[str]')
+    -> ('stop',). A step is kept where the request body has it (a key, an index), and a
+    missing field's name at the end; a union member's name is never in the body."""
+    loc = tuple(error.get("loc", ()))
+    if not loc or loc[0] != "body":
+        return loc
+    kept: list[Any] = []
+    node = body
+    for i, step in enumerate(loc[1:], start=1):
+        in_body = (isinstance(node, dict) and step in node) or (
+            isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
+        )
+        if in_body:
+            node = node[step]
+        elif not (i == len(loc) - 1 and error.get("type") == "missing"):
+            continue
+        kept.append(step)
+    return ("body", *kept)
+
+
+def _wrong_type(error: dict[str, Any]) -> bool:
+    kind = str(error.get("type", ""))
+    return kind.endswith(("_type", "_parsing")) or kind == "int_from_float"
+
+
 def validation_error(exc: RequestValidationError) -> BadRequest:
     errors = exc.errors()
     if not errors:
@@ -169,9 +195,30 @@ def validation_error(exc: RequestValidationError) -> BadRequest:
         )
     if first.get("type") == "model_attributes_type" or first.get("loc") == ("body",):
         return BadRequest("The request body must be a JSON object.", code="invalid_json")
-    param = param_from_loc(tuple(first.get("loc", ())))
-    what = first.get("msg", "invalid value")
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    # A field that takes several types (stop: a string or a list) fails once per type, under
+    # locations that name the types. Report one problem under the field's own name: the one a
+    # type that took the value ran into (a list of 5 stops: "at most 4 items"; prompt [[1],
+    # [2.5]]: the 2.5), else every type the value could have had.
+    by_field: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for error in errors:
+        by_field.setdefault(_field_path(error, getattr(exc, "body", None)), []).append(error)
+
+    def telling(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in group if not _wrong_type(e)]
+
+    loc = max(by_field, key=lambda f: (bool(telling(by_field[f])), len(f)))
+    group = by_field[loc]
+    param = param_from_loc(loc)
+    if telling(group):
+        what = str(telling(group)[0].get("msg", "invalid value"))
+    else:
+        msgs = list(dict.fromkeys(str(e.get("msg", "invalid value")) for e in group))
+        prefix = "Input should be "
+        what = msgs[0] + "".join(
+            " or " + (m.removeprefix(prefix) if msgs[0].startswith(prefix) else m) for m in msgs[1:]
+        )
+    others = len({f[:2] for f in by_field} - {loc[:2]})
+    more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
     return BadRequest(f"Invalid value for '{param}': {what}{more}", param=param)
 
 

@@ -304,6 +304,31 @@ def test_bad_json_and_bad_fields_are_400_naming_the_param(server):
     assert err["param"] == "logprobs"
 
 
+def test_a_field_of_several_types_is_named_once_with_the_error_of_its_value(server):
+    """`stop` is a string or a list and `prompt` four types: pydantic fails each type under a
+    location naming it (stop.str, stop.list[str]). The client gets the field's own name and
+    the problem of the type the value had."""
+    chat = {"model": "tiny", "messages": MSG}
+    cases = [
+        ("/v1/chat/completions", {**chat, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ("/v1/chat/completions", {**chat, "stop": 7}, "stop", "valid string or a valid list"),
+        (
+            "/v1/chat/completions",
+            {**chat, "messages": [{"role": "user", "content": 3}]},
+            "messages[0].content",
+            "valid string or a valid list",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": [[1], [2.5]]}, "prompt[1][0]", "integer"),
+    ]
+    for path, body, param, words in cases:
+        err = _error(_post(server, path, body), 400)
+        assert err["param"] == param, (body, err)
+        assert words in err["message"] and "list[" not in err["message"], err
+        assert "more problem" not in err["message"]
+    err = _error(_post(server, "/v1/chat/completions", {**chat, "seed": "x", "top_p": 0}), 400)
+    assert err["message"].endswith("(and 1 more problem)"), err
+
+
 def test_context_length_and_max_tokens_limits(client):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="tiny", messages=MSG, max_tokens=5000)

@@ -60,6 +60,11 @@ CacheSalt = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^@/\\
 cached prefixes. vLLM's rule for it too (at most 128 characters, none of `@ / \\` or NUL), so a
 salt works on every engine or on none."""
 
+# vLLM's sampling extensions, with vLLM's bounds (its 0 and -1 both turn top_k off).
+TopK = Annotated[int, Field(ge=-1)] | None
+MinP = Annotated[float, Field(ge=0.0, le=1.0)] | None
+RepetitionPenalty = Annotated[float, Field(gt=0.0)] | None
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -107,6 +112,9 @@ class ChatCompletionRequest(_Request):
     # vLLM extensions, honoured by the local engine too (benchmarks need fixed-length outputs).
     ignore_eos: bool = False
     cache_salt: CacheSalt = None
+    top_k: TopK = None
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = None
     # tunedesk's own (the widget sends it with a salt per visitor); dropped by the gateway.
     cache_share_system: bool = False
     """With `cache_salt`: the system turn's cached blocks stay shared within the API key (a
@@ -193,6 +201,9 @@ class CompletionRequest(_Request):
     user: str | None = None
     ignore_eos: bool = False
     cache_salt: CacheSalt = None
+    top_k: TopK = None
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = None
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of prompts (strings or token-id lists)."""

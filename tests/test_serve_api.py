@@ -185,6 +185,54 @@ def test_n_choices_with_seed_are_distinct_and_reproducible(client):
     assert texts == [c.message.content for c in a.choices]
 
 
+def test_vllm_sampling_extensions_are_honoured_or_refused(server, client):
+    """vLLM's top_k / min_p / repetition_penalty work here as on `--engine vllm`; its other
+    generation options are a 400 naming them, not an answer that quietly differs."""
+    greedy = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=12, temperature=0
+    )
+    hot = dict(model="tiny", messages=MSG, max_tokens=12, temperature=1.5, seed=5)
+    # top_k 1 (or min_p 1) leaves one token to draw, whatever the temperature: greedy.
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        r = client.chat.completions.create(**hot, extra_body=extra)
+        assert r.choices[0].message.content == greedy.choices[0].message.content, extra
+    r = client.completions.create(
+        model="tiny",
+        prompt="申购 ->",
+        max_tokens=8,
+        temperature=1.5,
+        seed=5,
+        extra_body={"top_k": 1},
+    )
+    assert (
+        r.choices[0].text
+        == client.completions.create(model="tiny", prompt="申购 ->", max_tokens=8, temperature=0)
+        .choices[0]
+        .text
+    )
+    # A strong repetition penalty changes a greedy answer (it penalises the prompt's tokens).
+    kw = dict(model="tiny", messages=MSG, max_tokens=24, temperature=0)
+    r = client.chat.completions.create(**kw, extra_body={"repetition_penalty": 2.0})
+    assert (
+        r.choices[0].message.content
+        != client.chat.completions.create(**kw).choices[0].message.content
+    )
+    # Values that change nothing pass; the options themselves are refused by name.
+    client.chat.completions.create(
+        **kw, extra_body={"min_tokens": 0, "top_k": -1, "stop_token_ids": []}
+    )
+    for name, value in (
+        ("min_tokens", 4),
+        ("guided_json", {"type": "object"}),
+        ("skip_special_tokens", False),
+    ):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(**kw, extra_body={name: value})
+        assert exc.value.body["param"] == name and "--engine vllm" in exc.value.message
+    err = _error(_post(server, "/v1/chat/completions", {**kw, "messages": MSG, "top_k": -2}), 400)
+    assert err["param"] == "top_k"
+
+
 def test_completions_raw_prompt_and_stream(client):
     r = client.completions.create(model="tiny", prompt="question ->", max_tokens=5, temperature=0)
     assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")

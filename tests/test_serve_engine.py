@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunedesk.serve.admission import Admission
 from tunedesk.serve.auth import ALL_SCOPES, KeyFileError, KeyStore
+from tunedesk.serve.engines.local import sampling
 from tunedesk.serve.engines.local.batcher import StepBatcher
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
 from tunedesk.serve.engines.local.generation import Generation
@@ -235,6 +236,32 @@ def test_sampling_temperature_top_p_penalties_and_seed():
 
     assert draws(hot) == draws(hot)
     assert len(set(draws(hot))) > 1
+
+
+def test_sampling_vllm_extensions_top_k_min_p_repetition_penalty():
+    logits = torch.tensor([[2.0, 1.9, -3.0, 0.0, -1.0]])
+    cpu = torch.device("cpu")
+
+    def draws(p, n=400):
+        g = p.make_generator(cpu)
+        return {sample(logits, [p], [g], [[]])[0] for _ in range(n)}
+
+    # Hot enough that every token shows up without a filter.
+    assert draws(SamplingParams(max_tokens=1, temperature=2.0, seed=3)) == {0, 1, 2, 3, 4}
+    assert draws(SamplingParams(max_tokens=1, temperature=2.0, top_k=2, seed=3)) == {0, 1}
+    assert draws(SamplingParams(max_tokens=1, temperature=2.0, top_k=1, seed=3)) == {0}
+    # min_p after temperature: at 1.0 token 3 has 0.14x the top token's probability.
+    assert draws(SamplingParams(max_tokens=1, temperature=1.0, min_p=0.2, seed=3)) == {0, 1}
+    assert draws(SamplingParams(max_tokens=1, temperature=1.0, min_p=0.1, seed=3)) == {0, 1, 3}
+    # A repetition penalty counts the prompt too, and applies to greedy decoding: 2.0 / 1.1
+    # falls below 1.9; a negative logit is multiplied, so it sinks further.
+    rep = SamplingParams(max_tokens=1, temperature=0.0, repetition_penalty=1.1)
+    assert sample(logits, [rep], [None], [[]], [[0]]) == [1]
+    assert sample(logits, [rep], [None], [[0]], [[]]) == [1]
+    assert sample(logits, [rep], [None], [[]], [[4]]) == [0]
+    penalised = sampling._apply_penalties(logits[0], [4, 2], [], rep)
+    assert penalised[4] == pytest.approx(-1.1) and penalised[2] == pytest.approx(-3.3)
+    assert penalised[0] == 2.0  # not seen: untouched
 
 
 def test_row_argmax_and_finite_rows_agree_with_torch():

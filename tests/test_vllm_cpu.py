@@ -203,3 +203,86 @@ def test_the_gpu_benchmark_runs_direct_vllm_as_tunedesk_runs_its_child(tmp_path)
         as_child.pop(key), as_direct.pop(key)  # the port, and the template file's name
     assert as_direct == as_child
     assert as_child["generation_config"] == "vllm" and as_child["max_model_len"] == 4096
+
+
+# vLLM's own sampler steps over a batch of rows: its penalties (repetition on prompt and
+# output, frequency and presence on output), then temperature, then its top-k / top-p mask.
+SAMPLE_WITH_VLLM = (
+    CPU_PLATFORM
+    + """
+import json, sys, torch
+from vllm.model_executor.layers.utils import apply_penalties
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+c = json.loads(sys.argv[1])
+logits = torch.tensor(c["logits"])
+vocab = logits.shape[1]
+def padded(rows):
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [vocab] * (width - len(r)) for r in rows])
+penalised = apply_penalties(
+    logits.clone(), padded(c["prompts"]), padded(c["outputs"]), torch.tensor(c["presence"]),
+    torch.tensor(c["frequency"]), torch.tensor(c["repetition"]),
+)
+scaled = penalised / torch.tensor(c["temperature"]).unsqueeze(1)
+kept = apply_top_k_top_p_pytorch(
+    scaled.clone(), torch.tensor(c["top_k"]), torch.tensor(c["top_p"]), allow_cpu_sync=False
+)
+print("SAMPLED " + json.dumps({
+    "penalised": penalised.tolist(), "kept": torch.isfinite(kept).tolist(),
+}))
+"""
+)
+
+
+def test_vllm_samples_the_extensions_as_the_local_engine_does():
+    """top_k, top_p, repetition / frequency / presence penalties mean the same on both
+    engines: tunedesk's per-row sampler steps against vLLM's own functions."""
+    import torch
+
+    from tunedesk.serve.engines.local import sampling
+
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 6, 40
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (5, 9, 1, 7, 3, 12)]
+    outputs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (0, 4, 6, 2, 8, 3)]
+    params = [
+        sampling.SamplingParams(
+            max_tokens=1,
+            temperature=t,
+            top_p=p,
+            top_k=k,
+            repetition_penalty=r,
+            frequency_penalty=f,
+            presence_penalty=pr,
+        )
+        for t, p, k, r, f, pr in [
+            (1.0, 1.0, 0, 1.3, 0.0, 0.0),
+            (0.7, 0.9, 5, 1.0, 0.5, 0.0),
+            (1.3, 0.5, 0, 0.8, 0.0, 1.0),
+            (1.0, 1.0, 1, 1.1, 0.2, 0.3),
+            (0.5, 0.8, 10, 1.5, -0.5, 0.0),
+            (2.0, 0.3, 3, 1.0, 0.0, -1.0),
+        ]
+    ]
+    case = {
+        "logits": logits.tolist(),
+        "prompts": prompts,
+        "outputs": outputs,
+        "presence": [p.presence_penalty for p in params],
+        "frequency": [p.frequency_penalty for p in params],
+        "repetition": [p.repetition_penalty for p in params],
+        "temperature": [p.temperature for p in params],
+        "top_k": [p.top_k or vocab for p in params],  # vLLM's "all tokens" is the vocab size
+        "top_p": [p.top_p for p in params],
+    }
+    theirs = _run(SAMPLE_WITH_VLLM, json.dumps(case), tag="SAMPLED")
+    for i, p in enumerate(params):
+        ours = sampling._apply_penalties(logits[i], prompts[i], outputs[i], p)
+        assert torch.allclose(ours, torch.tensor(theirs["penalised"][i]), atol=1e-5), i
+        row = ours / p.temperature
+        if p.top_k:
+            row = sampling._top_k_filter(row, p.top_k)
+        if p.top_p < 1.0:
+            row = sampling._top_p_filter(row, p.top_p)
+        assert torch.isfinite(row).tolist() == theirs["kept"][i], i

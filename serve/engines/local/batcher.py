@@ -411,6 +411,7 @@ class StepBatcher:
                     [s.params for s in picked],
                     [s.generator for s in picked],
                     [s.generated for s in picked],
+                    [s.prompt for s in picked],
                 )
             except Exception as exc:
                 log.exception("sampling failed on %s", self.name)

@@ -3,6 +3,10 @@
 Every row has its own temperature, top_p, penalties and random generator, so sequences that
 share a forward pass still sample independently and a `seed` reproduces a sequence whatever
 else is in the batch. Temperature 0 is greedy (argmax), computed for the whole batch at once.
+
+vLLM's extensions (`top_k`, `min_p`, `repetition_penalty`) follow vLLM's sampler, in its
+order, so a request means the same on both engines: penalties on the raw logits (greedy
+included), then temperature, then min_p, then top_k, then top_p over what is left.
 """
 
 from __future__ import annotations
@@ -41,6 +45,21 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     ignore_eos: bool = False
+    top_k: int = 0
+    """Keep the k likeliest tokens; 0 keeps all (vLLM's -1 too)."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the likeliest one (after temperature)."""
+    repetition_penalty: float = 1.0
+    """vLLM's (and transformers'): a logit of a token already in the prompt or the output is
+    divided by it when positive, multiplied when negative."""
+
+    @property
+    def penalised(self) -> bool:
+        return (
+            self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
     @property
     def greedy(self) -> bool:
@@ -56,15 +75,38 @@ class SamplingParams:
 
 
 def _apply_penalties(
-    logits: torch.Tensor, generated: list[int], frequency: float, presence: float
+    logits: torch.Tensor, prompt: list[int], generated: list[int], p: SamplingParams
 ) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    if p.repetition_penalty != 1.0:
+        seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+        ids = torch.tensor(prompt + generated, dtype=torch.long, device=logits.device)
+        seen[ids[ids < vocab]] = True
+        scaled = torch.where(
+            logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty
+        )
+        logits = torch.where(seen, scaled, logits)
     # OpenAI's definition: logit -= count * frequency_penalty + (count > 0) * presence_penalty.
-    if not generated:
+    if not generated or (p.frequency_penalty == 0.0 and p.presence_penalty == 0.0):
         return logits
-    counts = torch.bincount(
-        torch.tensor(generated, device=logits.device), minlength=logits.shape[-1]
-    )[: logits.shape[-1]].to(logits.dtype)
-    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+    counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=vocab)[
+        :vocab
+    ].to(logits.dtype)
+    return (
+        logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
+    )
+
+
+def _min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < probs.max() * min_p, float("-inf"))
+
+
+def _top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as vLLM's
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -81,22 +123,27 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     generated: list[list[int]],
+    prompts: list[list[int]] | None = None,
 ) -> list[int]:
-    """One next token per row of `logits` ([B, V], float32)."""
+    """One next token per row of `logits` ([B, V], float32). `prompts`: each row's prompt
+    ids, needed only by a repetition penalty."""
     greedy = row_argmax(logits) if any(p.greedy for p in params) else []
     out: list[int] = []
     for i, p in enumerate(params):
-        penalised = p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-        if p.greedy and not penalised:
+        if p.greedy and not p.penalised:
             out.append(greedy[i])
             continue
         row = logits[i]
-        if penalised:
-            row = _apply_penalties(row, generated[i], p.frequency_penalty, p.presence_penalty)
+        if p.penalised:
+            row = _apply_penalties(row, prompts[i] if prompts else [], generated[i], p)
         if p.greedy:
             out.append(int(row.argmax()))
             continue
         row = row / p.temperature
+        if p.min_p > 0.0:
+            row = _min_p_filter(row, p.min_p)
+        if p.top_k > 0:
+            row = _top_k_filter(row, p.top_k)
         if p.top_p < 1.0:
             row = _top_p_filter(row, p.top_p)
         probs = torch.softmax(row, dim=-1)

@@ -51,6 +51,43 @@ def _unsupported(param: str) -> BadRequest:
     return BadRequest(f"`{param}` is not supported by the transformers engine.", param=param)
 
 
+# vLLM's request extensions that change what is generated, which this engine does not
+# implement. Unknown fields are otherwise ignored, as vLLM ignores them; these would make an
+# answer quietly differ from the one `--engine vllm` gives, so they are refused unless sent
+# with a value that changes nothing.
+_VLLM_ONLY = {
+    "min_tokens": 0,
+    "stop_token_ids": [],
+    "bad_words": [],
+    "allowed_token_ids": None,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "prompt_logprobs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "structured_outputs": None,
+    "logits_processors": None,
+    "truncate_prompt_tokens": None,
+    "continue_final_message": False,
+    "add_generation_prompt": True,
+    "chat_template": None,
+}
+
+
+def _refuse_vllm_only(body: ChatCompletionRequest | CompletionRequest) -> None:
+    for name, value in (body.model_extra or {}).items():
+        if name in _VLLM_ONLY and value not in (None, _VLLM_ONLY[name], [], {}):
+            raise BadRequest(
+                f"`{name}` is a vLLM option the transformers engine does not implement "
+                "(serve with --engine vllm for it).",
+                param=name,
+            )
+
+
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """OpenAI messages -> the plain role/content dicts the chat template renders."""
     out = []
@@ -187,12 +224,16 @@ class LocalServing:
             frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0,
             ignore_eos=body.ignore_eos,
+            top_k=max(0, body.top_k or 0),
+            min_p=body.min_p or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
         )
 
     # --- chat ----------------------------------------------------------------------------
 
     async def chat(self, call: ApiCall[ChatCompletionRequest]) -> Response:
         body = call.body
+        _refuse_vllm_only(body)
         if body.logprobs or body.top_logprobs:
             raise _unsupported("logprobs")
         if body.logit_bias:
@@ -229,6 +270,7 @@ class LocalServing:
 
     async def completion(self, call: ApiCall[CompletionRequest]) -> Response:
         body = call.body
+        _refuse_vllm_only(body)
         if body.echo:
             raise _unsupported("echo")
         if body.logprobs is not None:

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from tunedesk.serve.admission import Admission
 from tunedesk.serve.engines.base import ApiCall, Engine
-from tunedesk.serve.errors import ModelNotFound, PermissionDenied
+from tunedesk.serve.errors import BadGateway, ModelNotFound, PermissionDenied
 from tunedesk.serve.protocol import ChatCompletionRequest, CompletionRequest
 from tunedesk.serve.streaming import release_when_sent
 
@@ -55,10 +55,13 @@ class OpenAIService:
         listed = await self.engine.models(call)
         if listed.status_code != 200:  # an upstream's error, relayed as it is
             return listed
-        for card in json.loads(listed.body)["data"]:
-            if card.get("id") == model:
-                return JSONResponse(card)
-        raise ModelNotFound(model)
+        try:
+            cards = [c for c in json.loads(listed.body)["data"] if c.get("id") == model]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BadGateway("The upstream's model list is not an OpenAI model list.") from None
+        if not cards:
+            raise ModelNotFound(model)
+        return JSONResponse(cards[0])
 
     async def chat_completions(self, call: ApiCall[ChatCompletionRequest]) -> Response:
         self._authorize(call, "chat", call.body.model)

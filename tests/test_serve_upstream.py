@@ -456,3 +456,32 @@ def test_the_gateway_drops_the_field_only_tunedesk_knows():
         assert "cache_share_system" not in forwarded
         assert forwarded["cache_salt"] == "visitor-1"  # open server: the client's, as sent
         assert forwarded["messages"] == sent["messages"]
+
+
+def test_retrieving_a_model_from_an_upstream_whose_list_is_not_json_is_502():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotOpenAI(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            body = b"<html>a proxy's login page</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), NotOpenAI)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{upstream.server_port}/v1"
+    settings = ServeSettings(engine="upstream", upstream_url=url, upstream_usage=False)
+    try:
+        with ServerThread(create_app(settings, build_engine(settings, ModelRegistry()))) as gw:
+            client = OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+            with pytest.raises(openai.APIStatusError) as exc:
+                client.models.retrieve("tiny")
+            assert exc.value.status_code == 502 and "model list" in exc.value.message
+    finally:
+        upstream.shutdown()

@@ -107,13 +107,21 @@ def expected(tiny, adapter) -> dict[str, str]:
     return answers
 
 
-def _ask(client: OpenAI, model: str):
+def _ask(client: OpenAI, model: str, stream: bool = False):
     return client.chat.completions.create(
         model=model,
         messages=MESSAGES,
         max_tokens=MAX_TOKENS,
         temperature=0,
+        stream=stream,
         extra_body={"ignore_eos": True},
+    )
+
+
+def _streamed_text(client: OpenAI, model: str) -> str:
+    """The same question as `_ask`, streamed, its chunks joined."""
+    return "".join(
+        c.choices[0].delta.content or "" for c in _ask(client, model, stream=True) if c.choices
     )
 
 
@@ -180,17 +188,7 @@ def test_vllm_engine_starts_proxies_and_restarts_its_child(fake_vllm, tiny, adap
         _check_both_models(client, expected)
         full = _ask(client, "tiny")
         assert full.usage.prompt_tokens == len(encode_prompt(tok, MESSAGES))
-        stream = client.chat.completions.create(
-            model="tiny",
-            messages=MESSAGES,
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == (
-            full.choices[0].message.content
-        )
+        assert _streamed_text(client, "tiny") == full.choices[0].message.content
 
         # The child dies: /ready says so, the supervisor starts a new one, requests work again.
         supervisor = engine.supervisor
@@ -232,16 +230,7 @@ def test_real_vllm_serves_base_and_adapter_and_comes_back_after_a_crash(tiny, ad
         assert (
             answers["faq"].choices[0].message.content != answers["tiny"].choices[0].message.content
         )
-        stream = client.chat.completions.create(
-            model="faq",
-            messages=MESSAGES,
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        assert text == answers["faq"].choices[0].message.content
+        assert _streamed_text(client, "faq") == answers["faq"].choices[0].message.content
 
         supervisor = engine.supervisor
         first = supervisor._proc.pid

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_serve_support import vllm_launch
 
 from tunedesk.cli import build_parser, main
 from tunedesk.errors import CommandError
@@ -23,7 +24,6 @@ from tunedesk.serve.engines.vllm import (
     VLLMSupervisor,
     chat_template_file,
     free_port,
-    launch_for,
 )
 from tunedesk.serve.model_ref import build_registry, resolve_model
 from tunedesk.serve.settings import ServeSettings
@@ -114,19 +114,8 @@ def test_vllm_command_line(tmp_path):
     base = _model_dir(
         tmp_path / "base", template="{% for m in messages %}{{ m.content }}{% endfor %}"
     )
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 32}))
-    s = ServeSettings(
-        model=str(base),
-        served_model_name="assistant",
-        loras=[f"faq={adapter}"],
-        tensor_parallel_size=2,
-        vllm_args="--max-model-len 4096",
-    )
+    launch, adapter = vllm_launch(tmp_path, base, rank=32)
     scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    launch = launch_for(build_registry(s), s, scratch)
     cmd = launch.command()
     assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", str(base.resolve())]
 

@@ -71,6 +71,29 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
+def vllm_launch(tmp_path: Path, base: Path, rank: int):
+    """The vLLM engine's launch for `base` served as "assistant", with a LoRA adapter "faq" of
+    `rank`, tensor parallel size 2 and a passed-through flag: what the command-line tests
+    check. Returns the launch and the adapter folder; its scratch folder is tmp_path/scratch."""
+    from tunedesk.serve.engines.vllm import launch_for
+    from tunedesk.serve.model_ref import build_registry
+    from tunedesk.serve.settings import ServeSettings
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    settings = ServeSettings(
+        model=str(base),
+        served_model_name="assistant",
+        loras=[f"faq={adapter}"],
+        tensor_parallel_size=2,
+        vllm_args="--max-model-len 4096",
+    )
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    return launch_for(build_registry(settings), settings, scratch), adapter
+
+
 def cache_root(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = getattr(config, "cache", None)
     if cache is not None:

@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_serve_support import build_tiny, cache_root
+from test_serve_support import build_tiny, cache_root, vllm_launch
 
 from tunedesk.serve.engines.vllm import chat_template_file, launch_for
 from tunedesk.serve.model_ref import build_registry
-from tunedesk.serve.settings import ServeSettings
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="needs vLLM installed (no GPU needed)"
@@ -90,19 +89,8 @@ def test_vllm_own_cli_accepts_the_command_line(tmp_path):
     base.mkdir()
     (base / "config.json").write_text("{}")
     (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 64}))
-    s = ServeSettings(
-        model=str(base),
-        served_model_name="assistant",
-        loras=[f"faq={adapter}"],
-        tensor_parallel_size=2,
-        vllm_args="--max-model-len 4096",
-    )
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    cmd = launch_for(build_registry(s), s, scratch).command()
+    launch, adapter = vllm_launch(tmp_path, base, rank=64)
+    cmd = launch.command()
     assert cmd[1:3] == ["-m", "vllm.entrypoints.cli.main"]
     args = _run(PARSE_WITH_VLLM, *cmd[3:], tag="PARSED")
     assert args["model_tag"] == str(base.resolve())

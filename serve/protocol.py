@@ -64,6 +64,11 @@ salt works on every engine or on none."""
 TopK = Annotated[int, Field(ge=-1)] | None
 MinP = Annotated[float, Field(ge=0.0, le=1.0)] | None
 RepetitionPenalty = Annotated[float, Field(gt=0.0)] | None
+LogitBias = dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None
+"""Token id (as a string, JSON's keys are) -> a bias added to its logit, OpenAI's bounds."""
+TopLogprobs = Annotated[int, Field(ge=0)] | None
+"""How many likeliest tokens to report per position. The upper bound is the engine's (a vLLM
+upstream's `--max-logprobs`), so it is checked there."""
 
 
 class _Request(BaseModel):
@@ -92,9 +97,9 @@ class ChatCompletionRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = 1
@@ -124,6 +129,24 @@ class ChatCompletionRequest(_Request):
         return self.n or 1
 
 
+class TopLogprob(BaseModel):
+    token: str
+    bytes: list[int] | None
+    logprob: float
+
+
+class ChatCompletionTokenLogprob(BaseModel):
+    token: str
+    bytes: list[int] | None
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatCompletionTokenLogprob] | None = None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -133,7 +156,7 @@ class ChatCompletionMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -160,7 +183,7 @@ class ChoiceDelta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: ChoiceDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -186,8 +209,8 @@ class CompletionRequest(_Request):
     best_of: int | None = None
     echo: bool | None = False
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = None
+    logit_bias: LogitBias = None
+    logprobs: TopLogprobs = None
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     n: Annotated[int, Field(ge=1, le=128)] | None = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
@@ -218,10 +241,17 @@ class CompletionRequest(_Request):
         return max(1, len(self.prompts())) * (self.n or 1)
 
 
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 

@@ -233,6 +233,118 @@ def test_vllm_sampling_extensions_are_honoured_or_refused(server, client):
     assert err["param"] == "top_k"
 
 
+def _model_logprobs(tiny, prompt_ids, vocab):
+    """log_softmax of the next token after `prompt_ids`, from the transformers forward, over
+    the tokenizer's vocabulary (the embedding's padding rows past it are never sampled)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids])).logits[0, -1, :vocab]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_chat_logprobs_are_the_models_own_and_stream_as_they_answer(server, client):
+    from transformers import AutoTokenizer
+
+    from tunedesk.chat_format import encode_prompt
+
+    kw = dict(model="tiny", messages=MSG, max_tokens=10, logprobs=True, top_logprobs=3)
+    greedy = dict(kw, temperature=0, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**greedy)
+    (choice,) = r.choices
+    entries = choice.logprobs.content
+    assert len(entries) == r.usage.completion_tokens == 10
+    for e in entries:
+        assert len(e.top_logprobs) == 3
+        values = [t.logprob for t in e.top_logprobs]
+        assert values == sorted(values, reverse=True) and values[0] <= 0
+        # Greedy takes the likeliest token.
+        assert (e.token, e.logprob) == (e.top_logprobs[0].token, e.top_logprobs[0].logprob)
+    # The tokens' bytes join into the answer, Chinese characters cut between tokens included.
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == choice.message.content
+    # The first token's logprobs are the model's own distribution after the prompt.
+    tok = AutoTokenizer.from_pretrained(server.tiny)
+    expected = _model_logprobs(server.tiny, encode_prompt(tok, MSG), len(tok))
+    top = expected.topk(3)
+    assert [t.logprob for t in entries[0].top_logprobs] == pytest.approx(
+        top.values.tolist(), abs=1e-4
+    )
+    assert [t.token for t in entries[0].top_logprobs] == [tok.decode([i]) for i in top.indices]
+    # Streamed: every token's chunk carries its logprobs, the same ones.
+    streamed = [
+        e
+        for c in client.chat.completions.create(**greedy, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    # Sampled hot, the logprob of what was drawn is still the model's (vLLM's raw logprobs),
+    # not the temperature's.
+    hot = client.chat.completions.create(**kw, temperature=1.8, seed=3, extra_body={"top_k": 5})
+    first = hot.choices[0].logprobs.content[0]
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    # Without logprobs there are none.
+    plain = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completions_logprobs_in_the_legacy_shape(client):
+    kw = dict(model="tiny", prompt="申购 ->", max_tokens=8, temperature=0, logprobs=2)
+    kw["extra_body"] = {"ignore_eos": True}
+    r = client.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
+    offsets = [0]
+    for t in lp.tokens[:-1]:
+        offsets.append(offsets[-1] + len(t))
+    assert lp.text_offset == offsets
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[token] == value  # the sampled token is always there, greedy or not
+        assert 1 <= len(top) <= 3 and max(top.values()) == value
+    streamed = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    parts = [c.choices[0].logprobs for c in streamed if c.choices[0].logprobs]
+    assert sum((p.tokens for p in parts), []) == lp.tokens
+    assert sum((p.text_offset for p in parts), []) == lp.text_offset
+
+
+def test_logit_bias_steers_sampling_and_names_bad_keys(server, client):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server.tiny)
+    (fund,) = tok.encode("基金")
+    kw = dict(model="tiny", messages=MSG, max_tokens=4, temperature=0)
+    kw["extra_body"] = {"ignore_eos": True}
+    r = client.chat.completions.create(**kw, logit_bias={str(fund): 100})
+    assert r.choices[0].message.content == "基金" * 4
+    greedy = client.chat.completions.create(**kw, logprobs=True)
+    first = greedy.choices[0].logprobs.content[0].token
+    (first_id,) = tok.encode(first)
+    banned = client.chat.completions.create(**kw, logprobs=True, logit_bias={str(first_id): -100})
+    assert banned.choices[0].logprobs.content[0].token != first
+    r = client.completions.create(
+        model="tiny", prompt="申购 ->", max_tokens=3, temperature=0, logit_bias={str(fund): 100}
+    )
+    assert r.choices[0].text == "基金" * 3
+    raw = {"model": "tiny", "messages": MSG, "max_tokens": 2}
+    for bias, why in (({"abc": 1}, "token id"), ({"999999": 1}, "token id"), ({"5": 101}, "")):
+        err = _error(_post(server, "/v1/chat/completions", {**raw, "logit_bias": bias}), 400)
+        assert err["param"].startswith("logit_bias") and why in err["message"], err
+    err = _error(_post(server, "/v1/chat/completions", {**raw, "top_logprobs": 2}), 400)
+    assert err["param"] == "top_logprobs" and "logprobs" in err["message"]
+    err = _error(
+        _post(server, "/v1/chat/completions", {**raw, "logprobs": True, "top_logprobs": 21}), 400
+    )
+    assert err["param"] == "top_logprobs"
+    err = _error(
+        _post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "logprobs": 30}), 400
+    )
+    assert err["param"] == "logprobs"
+
+
 def test_completions_raw_prompt_and_stream(client):
     r = client.completions.create(model="tiny", prompt="question ->", max_tokens=5, temperature=0)
     assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
@@ -345,11 +457,12 @@ def test_bad_json_and_bad_fields_are_400_naming_the_param(server):
         _post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSG, "n": 9}), 400
     )
     assert err["param"] == "n"
+    tools = [{"type": "function", "function": {"name": "f"}}]
     err = _error(
-        _post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSG, "logprobs": True}),
+        _post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSG, "tools": tools}),
         400,
     )
-    assert err["param"] == "logprobs"
+    assert err["param"] == "tools"
 
 
 def test_a_field_of_several_types_is_named_once_with_the_error_of_its_value(server):

@@ -259,9 +259,42 @@ def test_sampling_vllm_extensions_top_k_min_p_repetition_penalty():
     assert sample(logits, [rep], [None], [[]], [[0]]) == [1]
     assert sample(logits, [rep], [None], [[0]], [[]]) == [1]
     assert sample(logits, [rep], [None], [[]], [[4]]) == [0]
-    penalised = sampling._apply_penalties(logits[0], [4, 2], [], rep)
+    penalised = sampling._adjust_logits(logits[0], [4, 2], [], rep)
     assert penalised[4] == pytest.approx(-1.1) and penalised[2] == pytest.approx(-3.3)
     assert penalised[0] == 2.0  # not seen: untouched
+
+
+def test_logit_bias_comes_before_the_penalties_and_steers_greedy_too():
+    logits = torch.tensor([[2.0, 1.9, -3.0, 0.0, -1.0]])
+    biased = SamplingParams(max_tokens=1, temperature=0.0, logit_bias={4: 3.5})
+    assert sample(logits, [biased], [None], [[]]) == [4]  # -1.0 + 3.5 beats 2.0
+    # vLLM's order: bias first, then a repetition penalty on the biased logit (2.5 / 2 < 1.9).
+    both = SamplingParams(
+        max_tokens=1, temperature=0.0, logit_bias={4: 3.5}, repetition_penalty=2.0
+    )
+    assert sample(logits, [both], [None], [[]], [[4]]) == [0]
+    hot = SamplingParams(max_tokens=1, temperature=1.0, logit_bias={0: -100, 1: -100}, seed=1)
+    g = hot.make_generator(torch.device("cpu"))
+    assert {sample(logits, [hot], [g], [[]])[0] for _ in range(200)}.isdisjoint({0, 1})
+
+
+def test_token_logprobs_are_raw_and_token_bytes_rebuild_split_characters(tiny):
+    from tunedesk.serve.engines.local.logprobs import TokenTexts, token_logprob
+
+    _, tok = tiny
+    texts = TokenTexts(tok)
+    # A rare character is several byte tokens: each alone is U+FFFD, their bytes join into it.
+    for text in ("龘鬱基金", "hello world", tok.eos_token):
+        ids = tok.encode(text)
+        raw = b"".join(bytes(texts(i)[1]) for i in ids)
+        assert raw.decode() == text, ids
+    assert any(texts(i)[0] == "\ufffd" for i in tok.encode("龘"))
+    logits = torch.tensor([1.0, 3.0, 2.0, float("-inf")])
+    lp = token_logprob(logits, 2, 2, texts)
+    expected = torch.log_softmax(logits, -1)
+    assert lp.chosen.logprob == pytest.approx(float(expected[2]))
+    assert [c.logprob for c in lp.top] == pytest.approx([float(expected[1]), float(expected[2])])
+    assert token_logprob(logits, 1, 0, texts).top == ()
 
 
 def test_row_argmax_and_finite_rows_agree_with_torch():

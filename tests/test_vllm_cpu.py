@@ -266,7 +266,7 @@ def test_vllm_samples_the_extensions_as_the_local_engine_does():
     }
     theirs = _run(SAMPLE_WITH_VLLM, json.dumps(case), tag="SAMPLED")
     for i, p in enumerate(params):
-        ours = sampling._apply_penalties(logits[i], prompts[i], outputs[i], p)
+        ours = sampling._adjust_logits(logits[i], prompts[i], outputs[i], p)
         assert torch.allclose(ours, torch.tensor(theirs["penalised"][i]), atol=1e-5), i
         row = ours / p.temperature
         if p.top_k:

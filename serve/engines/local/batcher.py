@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import torch
 
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
+from tunedesk.serve.engines.local.logprobs import TokenLogprob, TokenTexts, token_logprob
 from tunedesk.serve.engines.local.prefix_cache import NO_SCOPE, Block, CacheScope
 from tunedesk.serve.engines.local.runners import Runner, make_runner
 from tunedesk.serve.engines.local.sampling import SamplingParams, finite_rows, sample
@@ -63,6 +64,8 @@ class SeqOutput:
     cached: int = 0
     """On a sequence's first output: how many of its prompt tokens came from the prefix
     cache instead of being prefilled."""
+    logprob: TokenLogprob | None = None
+    """The token's logprob, when the request asked for logprobs."""
 
 
 @dataclass(eq=False)
@@ -156,6 +159,7 @@ class StepBatcher:
         # Embedding rows past the tokenizer's vocabulary are padding (never trained): never
         # sample them.
         self.vocab = len(tokenizer)
+        self._token_texts = TokenTexts(tokenizer)
         self._pending: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
         self._aborts: set[int] = set()
@@ -413,13 +417,19 @@ class StepBatcher:
                     [s.generated for s in picked],
                     [s.prompt for s in picked],
                 )
+                logprobs = [
+                    None
+                    if s.params.logprobs is None
+                    else token_logprob(sub[i], token, s.params.logprobs, self._token_texts)
+                    for i, (s, token) in enumerate(zip(picked, tokens, strict=True))
+                ]
             except Exception as exc:
                 log.exception("sampling failed on %s", self.name)
                 for s in picked:
                     self._fail(s, f"sampling failed: {exc}")
-                tokens = []
-            for s, token in zip(picked, tokens, strict=False):
-                self._advance(s, token)
+                tokens, logprobs = [], []
+            for s, token, logprob in zip(picked, tokens, logprobs, strict=True):
+                self._advance(s, token, logprob)
         dead = [i for i, s in enumerate(self._rows) if s.done]
         if dead and self._runner.prefix_cache is not None:
             for i in dead:
@@ -428,7 +438,7 @@ class StepBatcher:
                     self._runner.store_row(i, s.prompt + s.generated[:-1], s.cache_scope)
         self._remove(dead)
 
-    def _advance(self, s: Sequence, token: int) -> None:
+    def _advance(self, s: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         s.generated.append(token)
         s.last_token = token
         assert s.stops is not None
@@ -456,7 +466,7 @@ class StepBatcher:
         if finish is not None:
             s.done = s.finished_ok = True
         cached = s.cached if len(s.generated) == 1 else 0
-        self._emit(s, SeqOutput(s.index, text, 1, finish, cached=cached))
+        self._emit(s, SeqOutput(s.index, text, 1, finish, cached=cached, logprob=logprob))
 
     def _fail(self, s: Sequence, message: str) -> None:
         s.done = True

@@ -10,15 +10,20 @@ import functools
 import json
 
 from tunedesk.serve.engines.local.batcher import SeqOutput
+from tunedesk.serve.engines.local.logprobs import Candidate, TokenLogprob
 from tunedesk.serve.protocol import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
+    ChatCompletionTokenLogprob,
     ChoiceDelta,
+    ChoiceLogprobs,
     ChunkChoice,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
+    TopLogprob,
     Usage,
     now,
     random_id,
@@ -100,11 +105,51 @@ def _completion_sample(model: str, include_usage: bool) -> bytes:
     return sse(chunk, exclude=None if include_usage else {"usage"})
 
 
+def _logprob_value(value: float) -> float:
+    # JSON has no -inf (a token the model can't produce); OpenAI and vLLM send -9999.0.
+    return max(value, -9999.0)
+
+
+def _top(c: Candidate) -> TopLogprob:
+    return TopLogprob(token=c.token, bytes=list(c.bytes), logprob=_logprob_value(c.logprob))
+
+
+def chat_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            ChatCompletionTokenLogprob(
+                token=lp.chosen.token,
+                bytes=list(lp.chosen.bytes),
+                logprob=_logprob_value(lp.chosen.logprob),
+                top_logprobs=[_top(c) for c in lp.top],
+            )
+            for lp in logprobs
+        ]
+    )
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    """The legacy shape: parallel lists; `top_logprobs` maps text to logprob and holds the
+    sampled token too (up to k+1 entries, as OpenAI's); `text_offset` counts characters of
+    the tokens' texts from `offset`."""
+    out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
+    for lp in logprobs:
+        out.text_offset.append(offset)
+        offset += len(lp.chosen.token)
+        out.tokens.append(lp.chosen.token)
+        out.token_logprobs.append(_logprob_value(lp.chosen.logprob))
+        top = {c.token: _logprob_value(c.logprob) for c in lp.top}
+        top.setdefault(lp.chosen.token, _logprob_value(lp.chosen.logprob))
+        out.top_logprobs.append(top)
+    return out
+
+
 class Choices:
-    """Accumulates text and finish reasons per choice index."""
+    """Accumulates text, logprobs and finish reasons per choice index."""
 
     def __init__(self, n: int, prompt_of: list[int] | None = None) -> None:
         self.texts = [""] * n
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.tokens = 0
         self.cached = [0] * n
@@ -113,6 +158,8 @@ class Choices:
 
     def add(self, out: SeqOutput) -> None:
         self.texts[out.index] += out.text
+        if out.logprob is not None:
+            self.logprobs[out.index].append(out.logprob)
         self.tokens += out.tokens
         if out.cached:
             self.cached[out.index] = out.cached
@@ -129,7 +176,8 @@ class Choices:
 
 
 class ChatFormat:
-    def __init__(self, model: str, include_usage: bool) -> None:
+    def __init__(self, model: str, include_usage: bool, logprobs: bool = False) -> None:
+        self.logprobs = logprobs
         self.id = random_id("chatcmpl")
         self.created = now()
         self.model = model
@@ -153,7 +201,14 @@ class ChatFormat:
     def pieces(self, outs: list[SeqOutput]) -> bytes:
         parts: list[bytes] = []
         for out in outs:
-            if out.text:
+            if out.logprob is not None:  # every token, also one whose text is held back
+                choice = ChunkChoice(
+                    index=out.index,
+                    delta=ChoiceDelta(content=out.text),
+                    logprobs=chat_logprobs([out.logprob]),
+                )
+                parts.append(self._chunk([choice]))
+            elif out.text:
                 parts.append(self._text.render(out.index, out.text))
             if out.finish_reason is not None:
                 choice = ChunkChoice(
@@ -180,6 +235,7 @@ class ChatFormat:
                 ChatChoice(
                     index=i,
                     message=ChatCompletionMessage(content=text),
+                    logprobs=chat_logprobs(choices.logprobs[i]) if self.logprobs else None,
                     finish_reason=choices.finish[i] or "stop",  # type: ignore[arg-type]
                 )
                 for i, text in enumerate(choices.texts)
@@ -189,7 +245,10 @@ class ChatFormat:
 
 
 class CompletionFormat:
-    def __init__(self, model: str, include_usage: bool) -> None:
+    def __init__(self, model: str, include_usage: bool, logprobs: bool = False) -> None:
+        self.logprobs = logprobs
+        self._offsets: dict[int, int] = {}
+        """Per choice: characters of token text streamed so far (the next `text_offset`)."""
         self.id = random_id("cmpl")
         self.created = now()
         self.model = model
@@ -211,16 +270,24 @@ class CompletionFormat:
     def pieces(self, outs: list[SeqOutput]) -> bytes:
         parts = []
         for out in outs:
-            if out.finish_reason is not None:
+            if out.finish_reason is not None or out.logprob is not None:
                 choice = CompletionChoice(
                     text=out.text,
                     index=out.index,
+                    logprobs=self._streamed_logprobs(out),
                     finish_reason=out.finish_reason,  # type: ignore[arg-type]
                 )
                 parts.append(self._chunk([choice]))
             elif out.text:
                 parts.append(self._text.render(out.index, out.text))
         return b"".join(parts)
+
+    def _streamed_logprobs(self, out: SeqOutput) -> CompletionLogprobs | None:
+        if out.logprob is None:
+            return None
+        offset = self._offsets.get(out.index, 0)
+        self._offsets[out.index] = offset + len(out.logprob.chosen.token)
+        return completion_logprobs([out.logprob], offset)
 
     def usage(self, usage: Usage) -> bytes:
         return sse(
@@ -233,7 +300,12 @@ class CompletionFormat:
             created=self.created,
             model=self.model,
             choices=[
-                CompletionChoice(text=text, index=i, finish_reason=choices.finish[i] or "stop")  # type: ignore[arg-type]
+                CompletionChoice(
+                    text=text,
+                    index=i,
+                    logprobs=completion_logprobs(choices.logprobs[i], 0) if self.logprobs else None,
+                    finish_reason=choices.finish[i] or "stop",  # type: ignore[arg-type]
+                )
                 for i, text in enumerate(choices.texts)
             ],
             usage=usage,

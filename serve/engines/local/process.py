@@ -97,7 +97,16 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
                 (
                     "out",
                     [
-                        (sid, o.text, o.tokens, o.finish_reason, o.error, o.at, o.cached)
+                        (
+                            sid,
+                            o.text,
+                            o.tokens,
+                            o.finish_reason,
+                            o.error,
+                            o.at,
+                            o.cached,
+                            o.logprob,
+                        )
                         for sid, o in pairs
                     ],
                 )
@@ -320,13 +329,14 @@ class EngineProcess:
 
     def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
         pairs: list[tuple[Sequence, SeqOutput]] = []
-        for sid, text, tokens, finish, error, at, cached in items:
+        for sid, text, tokens, finish, error, at, cached, logprob in items:
             seq = self._seqs.get(sid)
             if seq is None:
                 continue  # aborted meanwhile
             if finish is not None or error is not None:
                 del self._seqs[sid]
-            pairs.append((seq, SeqOutput(seq.index, text, tokens, finish, error, at, cached)))
+            out = SeqOutput(seq.index, text, tokens, finish, error, at, cached, logprob)
+            pairs.append((seq, out))
         self._deliver_pairs(pairs)
 
     @staticmethod

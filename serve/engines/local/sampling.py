@@ -5,8 +5,9 @@ share a forward pass still sample independently and a `seed` reproduces a sequen
 else is in the batch. Temperature 0 is greedy (argmax), computed for the whole batch at once.
 
 vLLM's extensions (`top_k`, `min_p`, `repetition_penalty`) follow vLLM's sampler, in its
-order, so a request means the same on both engines: penalties on the raw logits (greedy
-included), then temperature, then min_p, then top_k, then top_p over what is left.
+order, so a request means the same on both engines: logit_bias and then the penalties on the
+raw logits (greedy included), then temperature, then min_p, then top_k, then top_p over what
+is left.
 """
 
 from __future__ import annotations
@@ -52,13 +53,20 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """vLLM's (and transformers'): a logit of a token already in the prompt or the output is
     divided by it when positive, multiplied when negative."""
+    logit_bias: dict[int, float] | None = None
+    """Added to those tokens' logits before anything else (OpenAI's `logit_bias`)."""
+    logprobs: int | None = None
+    """Report each sampled token's logprob and this many likeliest alternatives (None: no
+    logprobs)."""
 
     @property
-    def penalised(self) -> bool:
+    def adjusts_logits(self) -> bool:
+        """Whether the raw logits are changed before sampling (greedy included)."""
         return (
             self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
             or self.repetition_penalty != 1.0
+            or bool(self.logit_bias)
         )
 
     @property
@@ -74,10 +82,14 @@ class SamplingParams:
         return gen
 
 
-def _apply_penalties(
+def _adjust_logits(
     logits: torch.Tensor, prompt: list[int], generated: list[int], p: SamplingParams
 ) -> torch.Tensor:
     vocab = logits.shape[-1]
+    if p.logit_bias:  # first, as vLLM's logits processors come before its penalties
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+        bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits.index_add(0, ids, bias)
     if p.repetition_penalty != 1.0:
         seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
         ids = torch.tensor(prompt + generated, dtype=torch.long, device=logits.device)
@@ -130,12 +142,12 @@ def sample(
     greedy = row_argmax(logits) if any(p.greedy for p in params) else []
     out: list[int] = []
     for i, p in enumerate(params):
-        if p.greedy and not p.penalised:
+        if p.greedy and not p.adjusts_logits:
             out.append(greedy[i])
             continue
         row = logits[i]
-        if p.penalised:
-            row = _apply_penalties(row, prompts[i] if prompts else [], generated[i], p)
+        if p.adjusts_logits:
+            row = _adjust_logits(row, prompts[i] if prompts else [], generated[i], p)
         if p.greedy:
             out.append(int(row.argmax()))
             continue

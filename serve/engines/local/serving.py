@@ -88,6 +88,37 @@ def _refuse_vllm_only(body: ChatCompletionRequest | CompletionRequest) -> None:
             )
 
 
+MAX_LOGPROBS = 20
+"""The most alternatives per token: OpenAI's bound for chat, vLLM's default --max-logprobs."""
+
+
+def _logprobs_k(k: int, param: str) -> int:
+    if k > MAX_LOGPROBS:
+        raise BadRequest(
+            f"{param} must be at most {MAX_LOGPROBS} on this server; got {k}.", param=param
+        )
+    return k
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
+    """OpenAI's `{"token id": bias}` -> ids, each checked against the model's vocabulary."""
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < vocab:
+            raise BadRequest(
+                f"logit_bias key {key!r} is not a token id of this model (0 to {vocab - 1}).",
+                param="logit_bias",
+            )
+        out[token] = value
+    return out
+
+
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """OpenAI messages -> the plain role/content dicts the chat template renders."""
     out = []
@@ -212,7 +243,11 @@ class LocalServing:
 
     @staticmethod
     def _params(
-        body: ChatCompletionRequest | CompletionRequest, max_tokens: int, i: int
+        body: ChatCompletionRequest | CompletionRequest,
+        max_tokens: int,
+        i: int,
+        logit_bias: dict[int, float] | None,
+        logprobs: int | None,
     ) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -227,6 +262,8 @@ class LocalServing:
             top_k=max(0, body.top_k or 0),
             min_p=body.min_p or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
+            logit_bias=logit_bias,
+            logprobs=logprobs,
         )
 
     # --- chat ----------------------------------------------------------------------------
@@ -234,10 +271,9 @@ class LocalServing:
     async def chat(self, call: ApiCall[ChatCompletionRequest]) -> Response:
         body = call.body
         _refuse_vllm_only(body)
-        if body.logprobs or body.top_logprobs:
-            raise _unsupported("logprobs")
-        if body.logit_bias:
-            raise _unsupported("logit_bias")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+        logprobs = _logprobs_k(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
         if body.tools or body.tool_choice not in (None, "none"):
             raise _unsupported("tools")
         if body.response_format and body.response_format.get("type", "text") != "text":
@@ -245,6 +281,7 @@ class LocalServing:
         n = body.num_sequences()
         self._check_n(n)
         lm = await self.models.get(body.model)
+        bias = _logit_bias(body.logit_bias, len(lm.tokenizer))
         messages = template_messages(body.messages)
         try:
             prompt = encode_prompt(lm.tokenizer, messages)
@@ -254,9 +291,9 @@ class LocalServing:
         requested = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         max_tokens = self._max_tokens(lm, len(prompt), requested, param, "messages")
-        jobs = [(prompt, self._params(body, max_tokens, i)) for i in range(n)]
+        jobs = [(prompt, self._params(body, max_tokens, i, bias, logprobs)) for i in range(n)]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = ChatFormat(body.model, include_usage)
+        fmt = ChatFormat(body.model, include_usage, logprobs=logprobs is not None)
         logged = {"messages": messages} if self.settings.log_content else None
         shared = 0
         if body.cache_salt and body.cache_share_system:
@@ -273,12 +310,9 @@ class LocalServing:
         _refuse_vllm_only(body)
         if body.echo:
             raise _unsupported("echo")
-        if body.logprobs is not None:
-            raise _unsupported("logprobs")
+        logprobs = None if body.logprobs is None else _logprobs_k(body.logprobs, "logprobs")
         if body.suffix:
             raise _unsupported("suffix")
-        if body.logit_bias:
-            raise _unsupported("logit_bias")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise _unsupported("best_of")
         n = body.n or 1
@@ -287,6 +321,7 @@ class LocalServing:
         if not prompts:
             raise BadRequest("prompt must not be empty.", param="prompt")
         lm = await self.models.get(body.model)
+        bias = _logit_bias(body.logit_bias, len(lm.tokenizer))
         encoded: list[list[int]] = []
         for p in prompts:
             if isinstance(p, str):
@@ -304,10 +339,12 @@ class LocalServing:
         longest = max(len(ids) for ids in encoded)
         max_tokens = self._max_tokens(lm, longest, body.max_tokens, "max_tokens", "prompt")
         jobs = [
-            (ids, self._params(body, max_tokens, j)) for ids in encoded for j in range(n)
+            (ids, self._params(body, max_tokens, j, bias, logprobs))
+            for ids in encoded
+            for j in range(n)
         ]  # choice index = prompt index * n + j, as OpenAI numbers them
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = CompletionFormat(body.model, include_usage)
+        fmt = CompletionFormat(body.model, include_usage, logprobs=logprobs is not None)
         logged = {"prompt": prompts} if self.settings.log_content else None
         prompt_tokens = sum(len(ids) for ids in encoded)
         scope = cache_scope(call)

@@ -1,0 +1,99 @@
+"""Log probabilities of sampled tokens (`logprobs`, `top_logprobs`), on the worker side.
+
+They come from the model's own distribution, before logit_bias, penalties, temperature and
+top-k/top-p, as vLLM's default (`logprobs_mode="raw_logprobs"`) has them: a request means the
+same on both engines, and a logprob says how likely the model found a token, whatever the
+request did to pick it. One difference: the distribution is over the tokenizer's vocabulary,
+without the embedding's padding rows past it, which this engine never samples.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    token: str
+    """The token's text (`tokenizer.decode([id])`, U+FFFD where it is part of a character)."""
+    bytes: tuple[int, ...]
+    """The token's own bytes: two tokens that each hold half of a Chinese character give the
+    character's UTF-8 when their bytes are joined, which their texts can't."""
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled token: its own logprob and the `k` likeliest tokens of that step."""
+
+    chosen: Candidate
+    top: tuple[Candidate, ...]
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (bytes_to_unicode), inverted: which byte each char is."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece's byte tokens
+
+
+class TokenTexts:
+    """Each token id's text and bytes, worked out once per id."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        rust = getattr(tokenizer, "_tokenizer", None)
+        decoder = getattr(rust, "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._cache: dict[int, tuple[str, tuple[int, ...]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._work_out(token_id)
+        return hit
+
+    def _work_out(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        text = self._tokenizer.decode([token_id])
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        raw: bytes | None = None
+        if isinstance(piece, str):
+            decoder = _byte_decoder()
+            if self._byte_level and piece and all(c in decoder for c in piece):
+                raw = bytes(decoder[c] for c in piece)
+            elif m := _BYTE_FALLBACK.match(piece):
+                raw = bytes([int(m.group(1), 16)])
+        if raw is None or (raw.decode("utf-8", errors="replace") != text and "\ufffd" not in text):
+            raw = text.encode("utf-8")  # special and added tokens: their text is their bytes
+        return text, tuple(raw)
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int, texts: TokenTexts) -> TokenLogprob:
+    """The chosen token's logprob and the top `k` of one row of raw logits ([V])."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+
+    def candidate(token_id: int, value: float) -> Candidate:
+        text, raw = texts(token_id)
+        return Candidate(text, raw, value)
+
+    top: tuple[Candidate, ...] = ()
+    if k > 0:
+        values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
+        top = tuple(candidate(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(candidate(token, float(logprobs[token])), top)

@@ -311,6 +311,54 @@ def test_completions_logprobs_in_the_legacy_shape(client):
     assert sum((p.text_offset for p in parts), []) == lp.text_offset
 
 
+def test_echo_with_logprobs_scores_a_prompt_as_evaluation_harnesses_ask(server, client):
+    """lm-evaluation-harness's `local-completions` scores a multiple-choice answer with
+    `echo`, `logprobs: 1` and `max_tokens: 1` over token ids, reading the prompt's logprobs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server.tiny)
+    context, answer = tok.encode("申购费是多少？"), tok.encode("基金的申购费")
+    ids = context + answer
+    body = dict(model="tiny", prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    r = client.completions.create(**body, seed=1234)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(tok.decode(ids))
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    # Each prompt token's logprob given the ones before it, against the model's forward.
+    model = AutoModelForCausalLM.from_pretrained(server.tiny, dtype=torch.float32)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, :, : len(tok)]
+    ref = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(ref.tolist(), abs=1e-4)
+    # The token after the prompt is the greedy one.
+    last = torch.log_softmax(logits[-1], -1).max()
+    assert lp.token_logprobs[-1] == pytest.approx(float(last), abs=1e-4)
+    # What the harness computes from it: the answer's log-likelihood and whether it is greedy.
+    span = slice(len(context), -1)
+    greedy = all(
+        t == max(top.values())
+        for t, top in zip(lp.token_logprobs[span], lp.top_logprobs[span], strict=True)
+    )
+    argmax = torch.log_softmax(logits, -1).argmax(-1)[len(context) - 1 : len(ids) - 1]
+    assert sum(lp.token_logprobs[span]) == pytest.approx(
+        float(ref[len(context) - 1 :].sum()), abs=1e-3
+    )
+    assert greedy == (argmax.tolist() == answer)
+    # Streamed: the prompt leads the first chunk, with its logprobs.
+    chunks = list(client.completions.create(**body, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert sum((p.tokens for p in streamed), []) == lp.tokens
+    assert sum((p.text_offset for p in streamed), []) == lp.text_offset
+    # Without logprobs, echo is the prompt's text in front of the answer; a string prompt
+    # comes back as sent.
+    plain = client.completions.create(model="tiny", prompt="申购 ->", echo=True, max_tokens=3)
+    assert plain.choices[0].text.startswith("申购 ->") and plain.choices[0].logprobs is None
+    assert len(plain.choices[0].text) > len("申购 ->")
+
+
 def test_logit_bias_steers_sampling_and_names_bad_keys(server, client):
     from transformers import AutoTokenizer
 

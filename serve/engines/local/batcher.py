@@ -39,7 +39,12 @@ from typing import Any, Protocol
 import torch
 
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
-from tunedesk.serve.engines.local.logprobs import TokenLogprob, TokenTexts, token_logprob
+from tunedesk.serve.engines.local.logprobs import (
+    TokenLogprob,
+    TokenTexts,
+    prompt_logprobs,
+    token_logprob,
+)
 from tunedesk.serve.engines.local.prefix_cache import NO_SCOPE, Block, CacheScope
 from tunedesk.serve.engines.local.runners import Runner, make_runner
 from tunedesk.serve.engines.local.sampling import SamplingParams, finite_rows, sample
@@ -66,6 +71,8 @@ class SeqOutput:
     cache instead of being prefilled."""
     logprob: TokenLogprob | None = None
     """The token's logprob, when the request asked for logprobs."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """On a sequence's first output, when asked for: its prompt tokens' logprobs."""
 
 
 @dataclass(eq=False)
@@ -89,6 +96,7 @@ class Sequence:
     done: bool = False
     cached: int = 0
     """Prompt tokens whose keys and values came from the prefix cache."""
+    prompt_logprobs: list[TokenLogprob] | None = None
     finished_ok: bool = False
     """Done with a finish reason (not failed): its cache is worth keeping."""
     cache_scope: CacheScope = NO_SCOPE
@@ -335,6 +343,16 @@ class StepBatcher:
             self._rows = [self._rows[i] for i in order]
 
     def _prefill(self, group: list[Sequence]) -> None:
+        for s in group:
+            if s.params.prompt_logprobs is not None:
+                try:
+                    s.prompt_logprobs = self._score_prompt(s.prompt, s.params.prompt_logprobs)
+                except Exception as exc:
+                    log.exception("prompt logprobs failed on %s", self.name)
+                    self._fail(s, f"prompt logprobs failed: {exc}")
+        group = [s for s in group if not s.done]
+        if not group:
+            return
         cache = self._runner.prefix_cache
         if cache is None:
             self._prefill_rows(group, None)
@@ -376,6 +394,15 @@ class StepBatcher:
             s.generator = s.params.make_generator(self.device)
         self._rows.extend(group)
         self._sample_and_emit(logits, first_row=len(self._rows) - len(group))
+
+    def _score_prompt(self, prompt: list[int], k: int) -> list[TokenLogprob]:
+        """Logprobs of every prompt token. The batched prefill keeps only the last position's
+        logits, so this is one more forward over the whole prompt, by the model's own
+        (uncached) forward: paid only by requests that ask (`echo` with `logprobs`)."""
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        logits[:, self.vocab :] = float("-inf")
+        return prompt_logprobs(logits, prompt, k, self._token_texts)
 
     def _decode(self) -> None:
         ids = torch.tensor([[s.last_token] for s in self._rows], device=self.device)
@@ -465,8 +492,11 @@ class StepBatcher:
                 text += s.stops.flush()
         if finish is not None:
             s.done = s.finished_ok = True
-        cached = s.cached if len(s.generated) == 1 else 0
-        self._emit(s, SeqOutput(s.index, text, 1, finish, cached=cached, logprob=logprob))
+        first = len(s.generated) == 1
+        out = SeqOutput(s.index, text, 1, finish, cached=s.cached if first else 0, logprob=logprob)
+        if first:
+            out.prompt_logprobs = s.prompt_logprobs
+        self._emit(s, out)
 
     def _fail(self, s: Sequence, message: str) -> None:
         s.done = True

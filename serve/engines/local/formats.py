@@ -105,13 +105,13 @@ def _completion_sample(model: str, include_usage: bool) -> bytes:
     return sse(chunk, exclude=None if include_usage else {"usage"})
 
 
-def _logprob_value(value: float) -> float:
+def _logprob_value(value: float | None) -> float | None:
     # JSON has no -inf (a token the model can't produce); OpenAI and vLLM send -9999.0.
-    return max(value, -9999.0)
+    return None if value is None else max(value, -9999.0)
 
 
 def _top(c: Candidate) -> TopLogprob:
-    return TopLogprob(token=c.token, bytes=list(c.bytes), logprob=_logprob_value(c.logprob))
+    return TopLogprob(token=c.token, bytes=list(c.bytes), logprob=_logprob_value(c.logprob))  # type: ignore[arg-type]
 
 
 def chat_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
@@ -120,8 +120,8 @@ def chat_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
             ChatCompletionTokenLogprob(
                 token=lp.chosen.token,
                 bytes=list(lp.chosen.bytes),
-                logprob=_logprob_value(lp.chosen.logprob),
-                top_logprobs=[_top(c) for c in lp.top],
+                logprob=_logprob_value(lp.chosen.logprob),  # type: ignore[arg-type]
+                top_logprobs=[_top(c) for c in lp.top or ()],
             )
             for lp in logprobs
         ]
@@ -131,15 +131,19 @@ def chat_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
 def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
     """The legacy shape: parallel lists; `top_logprobs` maps text to logprob and holds the
     sampled token too (up to k+1 entries, as OpenAI's); `text_offset` counts characters of
-    the tokens' texts from `offset`."""
+    the tokens' texts from `offset`. An echoed prompt's first token has null logprobs."""
     out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
     for lp in logprobs:
         out.text_offset.append(offset)
         offset += len(lp.chosen.token)
         out.tokens.append(lp.chosen.token)
-        out.token_logprobs.append(_logprob_value(lp.chosen.logprob))
-        top = {c.token: _logprob_value(c.logprob) for c in lp.top}
-        top.setdefault(lp.chosen.token, _logprob_value(lp.chosen.logprob))
+        chosen = _logprob_value(lp.chosen.logprob)
+        out.token_logprobs.append(chosen)
+        if lp.top is None or chosen is None:
+            out.top_logprobs.append(None)
+            continue
+        top: dict[str, float] = {c.token: _logprob_value(c.logprob) for c in lp.top}  # type: ignore[misc]
+        top.setdefault(lp.chosen.token, chosen)
         out.top_logprobs.append(top)
     return out
 
@@ -150,6 +154,7 @@ class Choices:
     def __init__(self, n: int, prompt_of: list[int] | None = None) -> None:
         self.texts = [""] * n
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self.prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.tokens = 0
         self.cached = [0] * n
@@ -160,6 +165,8 @@ class Choices:
         self.texts[out.index] += out.text
         if out.logprob is not None:
             self.logprobs[out.index].append(out.logprob)
+        if out.prompt_logprobs:
+            self.prompt_logprobs[out.index] = out.prompt_logprobs
         self.tokens += out.tokens
         if out.cached:
             self.cached[out.index] = out.cached
@@ -245,8 +252,17 @@ class ChatFormat:
 
 
 class CompletionFormat:
-    def __init__(self, model: str, include_usage: bool, logprobs: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        include_usage: bool,
+        logprobs: bool = False,
+        echo: list[str] | None = None,
+    ) -> None:
+        """`echo`: each choice's prompt text, which its text starts with (`echo: true`)."""
         self.logprobs = logprobs
+        self._echo = echo
+        self._echoed: set[int] = set()
         self._offsets: dict[int, int] = {}
         """Per choice: characters of token text streamed so far (the next `text_offset`)."""
         self.id = random_id("cmpl")
@@ -270,24 +286,29 @@ class CompletionFormat:
     def pieces(self, outs: list[SeqOutput]) -> bytes:
         parts = []
         for out in outs:
+            text = out.text
+            if self._echo is not None and out.index not in self._echoed:
+                self._echoed.add(out.index)  # the prompt leads the choice's first chunk
+                text = self._echo[out.index] + text
             if out.finish_reason is not None or out.logprob is not None:
                 choice = CompletionChoice(
-                    text=out.text,
+                    text=text,
                     index=out.index,
                     logprobs=self._streamed_logprobs(out),
                     finish_reason=out.finish_reason,  # type: ignore[arg-type]
                 )
                 parts.append(self._chunk([choice]))
-            elif out.text:
-                parts.append(self._text.render(out.index, out.text))
+            elif text:
+                parts.append(self._text.render(out.index, text))
         return b"".join(parts)
 
     def _streamed_logprobs(self, out: SeqOutput) -> CompletionLogprobs | None:
         if out.logprob is None:
             return None
+        tokens = [*(out.prompt_logprobs or ()), out.logprob]
         offset = self._offsets.get(out.index, 0)
-        self._offsets[out.index] = offset + len(out.logprob.chosen.token)
-        return completion_logprobs([out.logprob], offset)
+        self._offsets[out.index] = offset + sum(len(t.chosen.token) for t in tokens)
+        return completion_logprobs(tokens, offset)
 
     def usage(self, usage: Usage) -> bytes:
         return sse(
@@ -301,9 +322,13 @@ class CompletionFormat:
             model=self.model,
             choices=[
                 CompletionChoice(
-                    text=text,
+                    text=(self._echo[i] if self._echo is not None else "") + text,
                     index=i,
-                    logprobs=completion_logprobs(choices.logprobs[i], 0) if self.logprobs else None,
+                    logprobs=completion_logprobs(
+                        choices.prompt_logprobs[i] + choices.logprobs[i], 0
+                    )
+                    if self.logprobs
+                    else None,
                     finish_reason=choices.finish[i] or "stop",  # type: ignore[arg-type]
                 )
                 for i, text in enumerate(choices.texts)

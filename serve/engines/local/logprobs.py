@@ -24,15 +24,18 @@ class Candidate:
     bytes: tuple[int, ...]
     """The token's own bytes: two tokens that each hold half of a Chinese character give the
     character's UTF-8 when their bytes are joined, which their texts can't."""
-    logprob: float
+    logprob: float | None
+    """None only for a prompt's first token, which nothing predicts."""
 
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
-    """One sampled token: its own logprob and the `k` likeliest tokens of that step."""
+    """One token (sampled, or of the prompt): its logprob and the `k` likeliest tokens at its
+    position."""
 
     chosen: Candidate
-    top: tuple[Candidate, ...]
+    top: tuple[Candidate, ...] | None
+    """None for a prompt's first token."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,3 +100,15 @@ def token_logprob(logits: torch.Tensor, token: int, k: int, texts: TokenTexts) -
         values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
         top = tuple(candidate(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
     return TokenLogprob(candidate(token, float(logprobs[token])), top)
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, prompt: list[int], k: int, texts: TokenTexts
+) -> list[TokenLogprob]:
+    """Every prompt token's logprob given the tokens before it, from the logits of a forward
+    over the whole prompt ([S, V]); the first token has none (what `echo` with `logprobs`
+    reports, and what evaluation harnesses score answers with)."""
+    text, raw = texts(prompt[0])
+    out = [TokenLogprob(Candidate(text, raw, None), None)]
+    out += [token_logprob(logits[i], prompt[i + 1], k, texts) for i in range(len(prompt) - 1)]
+    return out

@@ -106,6 +106,7 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
                             o.at,
                             o.cached,
                             o.logprob,
+                            o.prompt_logprobs,
                         )
                         for sid, o in pairs
                     ],
@@ -329,13 +330,13 @@ class EngineProcess:
 
     def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
         pairs: list[tuple[Sequence, SeqOutput]] = []
-        for sid, text, tokens, finish, error, at, cached, logprob in items:
+        for sid, text, tokens, finish, error, at, cached, logprob, prompt_lps in items:
             seq = self._seqs.get(sid)
             if seq is None:
                 continue  # aborted meanwhile
             if finish is not None or error is not None:
                 del self._seqs[sid]
-            out = SeqOutput(seq.index, text, tokens, finish, error, at, cached, logprob)
+            out = SeqOutput(seq.index, text, tokens, finish, error, at, cached, logprob, prompt_lps)
             pairs.append((seq, out))
         self._deliver_pairs(pairs)
 

@@ -58,6 +58,8 @@ class SamplingParams:
     logprobs: int | None = None
     """Report each sampled token's logprob and this many likeliest alternatives (None: no
     logprobs)."""
+    prompt_logprobs: int | None = None
+    """The same for the prompt's tokens (completions' `echo` with `logprobs`)."""
 
     @property
     def adjusts_logits(self) -> bool:

@@ -75,6 +75,7 @@ _VLLM_ONLY = {
     "continue_final_message": False,
     "add_generation_prompt": True,
     "chat_template": None,
+    "echo": False,  # vLLM's chat `echo` (completions' own `echo` is a declared field)
 }
 
 
@@ -308,8 +309,6 @@ class LocalServing:
     async def completion(self, call: ApiCall[CompletionRequest]) -> Response:
         body = call.body
         _refuse_vllm_only(body)
-        if body.echo:
-            raise _unsupported("echo")
         logprobs = None if body.logprobs is None else _logprobs_k(body.logprobs, "logprobs")
         if body.suffix:
             raise _unsupported("suffix")
@@ -323,6 +322,7 @@ class LocalServing:
         lm = await self.models.get(body.model)
         bias = _logit_bias(body.logit_bias, len(lm.tokenizer))
         encoded: list[list[int]] = []
+        echoed: list[str] = []
         for p in prompts:
             if isinstance(p, str):
                 # The tokenizer's own raw-text encoding (a BOS where the model uses one), as
@@ -332,6 +332,8 @@ class LocalServing:
                 ids = list(p)
                 if any(not 0 <= t < len(lm.tokenizer) for t in ids):
                     raise BadRequest("prompt contains out-of-vocabulary token ids.", param="prompt")
+            if body.echo:
+                echoed.append(p if isinstance(p, str) else lm.tokenizer.decode(ids))
             if not ids:
                 raise BadRequest("prompt must not be empty.", param="prompt")
             self._check_prompt(lm, len(ids), "prompt")
@@ -343,8 +345,16 @@ class LocalServing:
             for ids in encoded
             for j in range(n)
         ]  # choice index = prompt index * n + j, as OpenAI numbers them
+        if body.echo and logprobs is not None:
+            for _, params in jobs:
+                params.prompt_logprobs = logprobs
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = CompletionFormat(body.model, include_usage, logprobs=logprobs is not None)
+        fmt = CompletionFormat(
+            body.model,
+            include_usage,
+            logprobs=logprobs is not None,
+            echo=[text for text in echoed for _ in range(n)] if body.echo else None,
+        )
         logged = {"prompt": prompts} if self.settings.log_content else None
         prompt_tokens = sum(len(ids) for ids in encoded)
         scope = cache_scope(call)

@@ -286,12 +286,18 @@ def test_chat_logprobs_are_the_models_own_and_stream_as_they_answer(server, clie
     hot = client.chat.completions.create(**kw, temperature=1.8, seed=3, extra_body={"top_k": 5})
     first = hot.choices[0].logprobs.content[0]
     assert [t.logprob for t in first.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    # The wire JSON validates against the SDK's own types (the client above only constructs
+    # them, unvalidated).
+    from openai.types.chat import ChatCompletion
+
+    wire = _post(server, "/v1/chat/completions", {**kw, "temperature": 0, "messages": MSG})
+    assert ChatCompletion.model_validate(wire.json()).choices[0].logprobs.content
     # Without logprobs there are none.
     plain = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
     assert plain.choices[0].logprobs is None
 
 
-def test_completions_logprobs_in_the_legacy_shape(client):
+def test_completions_logprobs_in_the_legacy_shape(server, client):
     kw = dict(model="tiny", prompt="申购 ->", max_tokens=8, temperature=0, logprobs=2)
     kw["extra_body"] = {"ignore_eos": True}
     r = client.completions.create(**kw)
@@ -309,6 +315,10 @@ def test_completions_logprobs_in_the_legacy_shape(client):
     parts = [c.choices[0].logprobs for c in streamed if c.choices[0].logprobs]
     assert sum((p.tokens for p in parts), []) == lp.tokens
     assert sum((p.text_offset for p in parts), []) == lp.text_offset
+    from openai.types import Completion
+
+    wire = _post(server, "/v1/completions", {k: v for k, v in kw.items() if k != "extra_body"})
+    assert Completion.model_validate(wire.json()).choices[0].logprobs.tokens
 
 
 def test_echo_with_logprobs_scores_a_prompt_as_evaluation_harnesses_ask(server, client):
@@ -352,6 +362,8 @@ def test_echo_with_logprobs_scores_a_prompt_as_evaluation_harnesses_ask(server, 
     streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
     assert sum((p.tokens for p in streamed), []) == lp.tokens
     assert sum((p.text_offset for p in streamed), []) == lp.text_offset
+    # (The echoed prompt's first token has null logprobs, as OpenAI's and vLLM's do, though
+    # the SDK's type for them says float: the client above reads them all the same.)
     # Without logprobs, echo is the prompt's text in front of the answer; a string prompt
     # comes back as sent.
     plain = client.completions.create(model="tiny", prompt="申购 ->", echo=True, max_tokens=3)

@@ -133,6 +133,39 @@ def test_seed_reproduces_a_sample_whatever_else_is_in_the_batch(tiny, batcher):
     assert other != alone
 
 
+def test_logprobs_and_prompt_logprobs_on_both_runners_beside_a_running_batch(tiny, batcher):
+    """The prompt is scored by one more forward in the worker: it must give the model's own
+    logprobs and leave the batch's cache alone (a neighbour's greedy text is unchanged)."""
+    model, tok = tiny
+    scored, neighbour = (tok(p)["input_ids"] for p in PROMPTS[:2])
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    params.logprobs = params.prompt_logprobs = 3
+
+    async def run():
+        gen = Generation(batcher, [(scored, params)], time.monotonic() + 60)
+        beside = asyncio.create_task(_generate(batcher, neighbour, delay=0.0, ignore_eos=True))
+        outs = []
+        while not gen.finished:
+            outs += await gen.next_outputs()
+        return outs, await beside
+
+    outs, beside = asyncio.run(run())
+    assert beside == asyncio.run(_generate(batcher, neighbour, ignore_eos=True))
+    with torch.inference_mode():
+        logits = model(torch.tensor([scored])).logits[0, :, : len(tok)]
+    ref = torch.log_softmax(logits, -1)
+    prompt_lps = outs[0].prompt_logprobs
+    assert [lp.chosen.token for lp in prompt_lps] == [tok.decode([t]) for t in scored]
+    assert prompt_lps[0].chosen.logprob is None and prompt_lps[0].top is None
+    for i, lp in enumerate(prompt_lps[1:]):
+        assert lp.chosen.logprob == pytest.approx(float(ref[i, scored[i + 1]]), abs=1e-4)
+        assert len(lp.top) == 3
+    assert all(o.prompt_logprobs is None for o in outs[1:])
+    # Greedy: each sampled token is its step's likeliest, the first one after the prompt.
+    assert len(outs) == 6 and all(o.logprob.chosen == o.logprob.top[0] for o in outs)
+    assert outs[0].logprob.chosen.logprob == pytest.approx(float(ref[-1].max()), abs=1e-4)
+
+
 def test_end_of_turn_token_stops_without_text(tiny):
     model, tok = tiny
     prompt = tok(PROMPTS[0])["input_ids"]

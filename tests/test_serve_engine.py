@@ -137,7 +137,10 @@ def test_logprobs_and_prompt_logprobs_on_both_runners_beside_a_running_batch(tin
     """The prompt is scored by one more forward in the worker: it must give the model's own
     logprobs and leave the batch's cache alone (a neighbour's greedy text is unchanged)."""
     model, tok = tiny
-    scored, neighbour = (tok(p)["input_ids"] for p in PROMPTS[:2])
+    # Longer than the 256 positions the output head is run over at a time.
+    scored = tok(" ".join(PROMPTS) * 12)["input_ids"][:300]
+    neighbour = tok(PROMPTS[1])["input_ids"]
+    assert len(scored) == 300
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     params.logprobs = params.prompt_logprobs = 3
 

@@ -249,6 +249,7 @@ class LocalServing:
         i: int,
         logit_bias: dict[int, float] | None,
         logprobs: int | None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -265,6 +266,7 @@ class LocalServing:
             repetition_penalty=body.repetition_penalty or 1.0,
             logit_bias=logit_bias,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # --- chat ----------------------------------------------------------------------------
@@ -340,14 +342,12 @@ class LocalServing:
             encoded.append(ids)
         longest = max(len(ids) for ids in encoded)
         max_tokens = self._max_tokens(lm, longest, body.max_tokens, "max_tokens", "prompt")
+        scored = logprobs if body.echo else None  # an echoed prompt comes with its logprobs
         jobs = [
-            (ids, self._params(body, max_tokens, j, bias, logprobs))
+            (ids, self._params(body, max_tokens, j, bias, logprobs, scored))
             for ids in encoded
             for j in range(n)
         ]  # choice index = prompt index * n + j, as OpenAI numbers them
-        if body.echo and logprobs is not None:
-            for _, params in jobs:
-                params.prompt_logprobs = logprobs
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         fmt = CompletionFormat(
             body.model,

@@ -214,6 +214,8 @@ class CompletionRequest(_Request):
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     n: Annotated[int, Field(ge=1, le=128)] | None = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
+    response_format: dict[str, Any] | None = None
+    """Not OpenAI's (its legacy completions have none): vLLM's, the chat field's meaning."""
     seed: int | None = None
     stop: Stop = None
     stream: bool | None = False

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import torch
 
 from tunedesk.serve.engines.local.detok import IncrementalDetokenizer, StopMatcher
+from tunedesk.serve.engines.local.grammar import GrammarMasks
 from tunedesk.serve.engines.local.logprobs import (
     TokenLogprob,
     TokenTexts,
@@ -99,6 +100,8 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob] | None = None
     finished_ok: bool = False
     """Done with a finish reason (not failed): its cache is worth keeping."""
+    matcher: Any = None
+    """Its grammar's state, when the request constrains the output (grammar.py)."""
     cache_scope: CacheScope = NO_SCOPE
     """Which cached prefixes it may use (the server's: its API key, and its salt): how fast a
     first token comes must not tell one caller what another one asked."""
@@ -168,6 +171,7 @@ class StepBatcher:
         # sample them.
         self.vocab = len(tokenizer)
         self._token_texts = TokenTexts(tokenizer)
+        self._grammars = GrammarMasks(tokenizer, self.stop_ids, self.vocab)
         self._pending: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
         self._aborts: set[int] = set()
@@ -344,6 +348,12 @@ class StepBatcher:
 
     def _prefill(self, group: list[Sequence]) -> None:
         for s in group:
+            if s.params.grammar is not None:
+                try:
+                    s.matcher = self._grammars.matcher(s.params.grammar)
+                except Exception as exc:
+                    self._fail(s, f"structured output: {exc}")
+                    continue
             if s.params.prompt_logprobs is not None:
                 try:
                     s.prompt_logprobs = self._score_prompt(s.prompt, s.params.prompt_logprobs)
@@ -446,6 +456,9 @@ class StepBatcher:
         finite = finite_rows(logits)
         if self.vocab < logits.shape[-1]:
             logits[:, self.vocab :] = float("-inf")
+        constrained = [(i, s.matcher) for i, s in enumerate(rows) if s.matcher is not None]
+        if constrained:
+            self._grammars.apply(logits, constrained)
         healthy = [i for i, ok in enumerate(finite) if ok]
         for i, ok in enumerate(finite):
             if not ok:
@@ -492,7 +505,7 @@ class StepBatcher:
             finish = "stop"
         else:
             text = s.stops.feed(s.detok.step(token))
-            if s.stops.stopped:
+            if s.stops.stopped or self._grammar_done(s, token):
                 finish = "stop"
         if finish is None and (
             len(s.generated) >= s.params.max_tokens
@@ -514,6 +527,14 @@ class StepBatcher:
         if first:
             out.prompt_logprobs = s.prompt_logprobs
         self._emit(s, out)
+
+    def _grammar_done(self, s: Sequence, token: int) -> bool:
+        """Advance the sequence's grammar; True once it can take nothing but an end token."""
+        if s.matcher is None:
+            return False
+        if not s.matcher.consume_token(token):  # the mask allowed it: only on a parser limit
+            log.warning("structured output on %s stopped: %s", self.name, s.matcher.get_error())
+        return s.matcher.is_stopped()
 
     def _fail(self, s: Sequence, message: str) -> None:
         s.done = True

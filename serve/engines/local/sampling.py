@@ -60,6 +60,9 @@ class SamplingParams:
     logprobs)."""
     prompt_logprobs: int | None = None
     """The same for the prompt's tokens (completions' `echo` with `logprobs`)."""
+    grammar: str | None = None
+    """An llguidance grammar the output must match (structured outputs, grammar.py); the
+    logits are masked to it before anything else, logprobs included, as vLLM masks them."""
 
     @property
     def adjusts_logits(self) -> bool:

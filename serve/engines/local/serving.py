@@ -30,6 +30,7 @@ from tunedesk.serve.engines.local.generation import Generation
 from tunedesk.serve.engines.local.models import LoadedModel, LocalModels
 from tunedesk.serve.engines.local.prefix_cache import CacheScope
 from tunedesk.serve.engines.local.sampling import SamplingParams
+from tunedesk.serve.engines.local.structured import structured_output, unsupported
 from tunedesk.serve.errors import BadRequest, ContextLengthExceeded, EngineFailure, OpenAIError
 from tunedesk.serve.metrics import Metrics
 from tunedesk.serve.protocol import (
@@ -45,10 +46,6 @@ from tunedesk.serve.streaming import DONE, ManagedStreamingResponse, sse_error, 
 log = logging.getLogger("tunedesk.serve")
 
 Format = ChatFormat | CompletionFormat
-
-
-def _unsupported(param: str) -> BadRequest:
-    return BadRequest(f"`{param}` is not supported by the transformers engine.", param=param)
 
 
 # vLLM's request extensions that change what is generated, which this engine does not
@@ -69,7 +66,6 @@ _VLLM_ONLY = {
     "guided_regex": None,
     "guided_choice": None,
     "guided_grammar": None,
-    "structured_outputs": None,
     "logits_processors": None,
     "truncate_prompt_tokens": None,
     "continue_final_message": False,
@@ -250,6 +246,7 @@ class LocalServing:
         logit_bias: dict[int, float] | None,
         logprobs: int | None,
         prompt_logprobs: int | None = None,
+        constraint: str | None = None,
     ) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -267,6 +264,7 @@ class LocalServing:
             logit_bias=logit_bias,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            grammar=constraint,
         )
 
     # --- chat ----------------------------------------------------------------------------
@@ -278,13 +276,12 @@ class LocalServing:
             raise BadRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
         logprobs = _logprobs_k(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
         if body.tools or body.tool_choice not in (None, "none"):
-            raise _unsupported("tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise _unsupported("response_format")
+            raise unsupported("tools")
         n = body.num_sequences()
         self._check_n(n)
         lm = await self.models.get(body.model)
         bias = _logit_bias(body.logit_bias, len(lm.tokenizer))
+        constraint = structured_output(body, lm.tokenizer)
         messages = template_messages(body.messages)
         try:
             prompt = encode_prompt(lm.tokenizer, messages)
@@ -294,7 +291,10 @@ class LocalServing:
         requested = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         max_tokens = self._max_tokens(lm, len(prompt), requested, param, "messages")
-        jobs = [(prompt, self._params(body, max_tokens, i, bias, logprobs)) for i in range(n)]
+        jobs = [
+            (prompt, self._params(body, max_tokens, i, bias, logprobs, constraint=constraint))
+            for i in range(n)
+        ]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         fmt = ChatFormat(body.model, include_usage, logprobs=logprobs is not None)
         logged = {"messages": messages} if self.settings.log_content else None
@@ -313,9 +313,9 @@ class LocalServing:
         _refuse_vllm_only(body)
         logprobs = None if body.logprobs is None else _logprobs_k(body.logprobs, "logprobs")
         if body.suffix:
-            raise _unsupported("suffix")
+            raise unsupported("suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
-            raise _unsupported("best_of")
+            raise unsupported("best_of")
         n = body.n or 1
         self._check_n(n)
         prompts = body.prompts()
@@ -323,6 +323,7 @@ class LocalServing:
             raise BadRequest("prompt must not be empty.", param="prompt")
         lm = await self.models.get(body.model)
         bias = _logit_bias(body.logit_bias, len(lm.tokenizer))
+        constraint = structured_output(body, lm.tokenizer)
         encoded: list[list[int]] = []
         echoed: list[str] = []
         for p in prompts:
@@ -344,7 +345,7 @@ class LocalServing:
         max_tokens = self._max_tokens(lm, longest, body.max_tokens, "max_tokens", "prompt")
         scored = logprobs if body.echo else None  # an echoed prompt comes with its logprobs
         jobs = [
-            (ids, self._params(body, max_tokens, j, bias, logprobs, scored))
+            (ids, self._params(body, max_tokens, j, bias, logprobs, scored, constraint))
             for ids in encoded
             for j in range(n)
         ]  # choice index = prompt index * n + j, as OpenAI numbers them

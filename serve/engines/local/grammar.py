@@ -1,0 +1,120 @@
+"""Structured outputs: a grammar masks each step's logits to the tokens that keep the output
+valid, so a JSON schema, a regex or a list of choices is met by construction.
+
+Through llguidance, which vLLM also uses (its `guidance` structured-outputs backend), with
+vLLM's defaults: JSON may carry whitespace between its tokens (vLLM's
+`disable_any_whitespace=False`), `json_object` is the schema `{"type": "object"}`, a `choice`
+is one of its strings verbatim. So a request constrains the output the same way on both
+engines.
+
+llguidance computes the mask lazily from an Earley parser over the tokenizer's byte trie:
+there is no per-grammar compilation step, so building a matcher takes well under a
+millisecond and needs no background compile queue (vLLM's xgrammar backend needs one).
+Special tokens (the chat template's markers) are never allowed; the end-of-sequence tokens are
+allowed exactly where the grammar may end.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class GrammarError(ValueError):
+    """The constraint itself is malformed (bad regex, bad schema, bad grammar)."""
+
+
+def _llguidance() -> Any:
+    import llguidance
+
+    return llguidance
+
+
+def _checked(grammar: str) -> str:
+    message = _llguidance().LLMatcher.validate_grammar(grammar, None)
+    if message and not message.startswith("WARNING"):
+        raise GrammarError(message.strip())
+    return grammar
+
+
+def json_schema_grammar(schema: dict[str, Any] | str, any_whitespace: bool = True) -> str:
+    """`any_whitespace=False` is vLLM's `disable_any_whitespace`: compact JSON only."""
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    try:
+        grammar = _llguidance().LLMatcher.grammar_from_json_schema(
+            text, defaults={"whitespace_flexible": any_whitespace}
+        )
+    except ValueError as exc:
+        raise GrammarError(str(exc)) from None
+    return _checked(grammar)
+
+
+def json_object_grammar(any_whitespace: bool = True) -> str:
+    return json_schema_grammar({"type": "object"}, any_whitespace)
+
+
+def regex_grammar(pattern: str) -> str:
+    return _checked(_llguidance().LLMatcher.grammar_from_regex(pattern))
+
+
+def choice_grammar(choices: list[str]) -> str:
+    if not choices:
+        raise GrammarError("choice needs at least one string.")
+    return _checked(_llguidance().grammar_from("choice", json.dumps(choices)))
+
+
+def lark_grammar(text: str) -> str:
+    """A Lark grammar, or llama.cpp's GBNF (vLLM's `grammar` accepts EBNF in both forms)."""
+    try:
+        grammar = _llguidance().grammar_from("grammar", text)
+    except ValueError as exc:
+        raise GrammarError(str(exc)) from None
+    return _checked(grammar)
+
+
+def supports(tokenizer: Any) -> bool:
+    """llguidance reads a fast (Rust `tokenizers`) tokenizer; a slow one has no byte trie."""
+    return hasattr(tokenizer, "backend_tokenizer")
+
+
+class GrammarMasks:
+    """Engine side: one matcher per constrained sequence, and the batch's masks per step."""
+
+    def __init__(self, tokenizer: Any, stop_ids: frozenset[int], vocab: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = sorted(stop_ids)
+        self.vocab = vocab
+        self._ll_tokenizer: Any = None
+
+    def matcher(self, grammar: str) -> Any:
+        """A fresh matcher at the grammar's start. Raises GrammarError if it can't be built."""
+        llguidance = _llguidance()
+        if self._ll_tokenizer is None:  # ~1 s on a 150k vocabulary: once, on first use
+            import llguidance.hf
+
+            if not supports(self.tokenizer):
+                raise GrammarError("structured outputs need a fast (tokenizers) tokenizer")
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                self.tokenizer, n_vocab=self.vocab, eos_token=self.stop_ids or None
+            )
+        m = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+        if m.is_error():
+            raise GrammarError(m.get_error())
+        return m
+
+    def apply(self, logits: torch.Tensor, rows: list[tuple[int, Any]]) -> None:
+        """Set to -inf, in place, every logit of `rows` ((row, matcher) pairs) that its
+        grammar does not allow next. A stopped or failed matcher allows only the end tokens."""
+        words = (self.vocab + 31) // 32
+        bits = np.full((len(rows), words), -1, dtype=np.int32)
+        for j, (_, m) in enumerate(rows):
+            v = bits[j]
+            m.unsafe_compute_mask_ptr(v.ctypes.data, v.nbytes)
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, : self.vocab]
+        banned = torch.from_numpy(allowed == 0).to(logits.device)
+        index = torch.tensor([i for i, _ in rows], device=logits.device)
+        part = logits[index, : self.vocab].masked_fill(banned, float("-inf"))
+        logits[index, : self.vocab] = part

@@ -393,7 +393,7 @@ def test_logit_bias_comes_before_the_penalties_and_steers_greedy_too():
 
 
 def test_token_logprobs_are_raw_and_token_bytes_rebuild_split_characters(tiny):
-    from tunedesk.serve.engines.local.logprobs import TokenTexts, token_logprob
+    from tunedesk.serve.engines.local.logprobs import TokenTexts, token_logprobs
 
     _, tok = tiny
     texts = TokenTexts(tok)
@@ -403,12 +403,20 @@ def test_token_logprobs_are_raw_and_token_bytes_rebuild_split_characters(tiny):
         raw = b"".join(bytes(texts(i)[1]) for i in ids)
         assert raw.decode() == text, ids
     assert any(texts(i)[0] == "\ufffd" for i in tok.encode("龘"))
-    logits = torch.tensor([1.0, 3.0, 2.0, float("-inf")])
-    lp = token_logprob(logits, 2, 2, texts)
+    # Rows of one step, each with its own k, through one log_softmax and one topk.
+    logits = torch.tensor([[1.0, 3.0, 2.0, float("-inf")], [0.5, -1.0, 4.0, 0.0]])
+    lps = token_logprobs(logits, [2, 1], [2, 0], texts)
     expected = torch.log_softmax(logits, -1)
-    assert lp.chosen.logprob == pytest.approx(float(expected[2]))
-    assert [c.logprob for c in lp.top] == pytest.approx([float(expected[1]), float(expected[2])])
-    assert token_logprob(logits, 1, 0, texts).top == ()
+    assert lps[0].chosen.logprob == pytest.approx(float(expected[0, 2]))
+    assert [c.logprob for c in lps[0].top] == pytest.approx(
+        [float(expected[0, 1]), float(expected[0, 2])]
+    )
+    assert [c.token for c in lps[0].top] == [texts(1)[0], texts(2)[0]]
+    assert lps[1].chosen.logprob == pytest.approx(float(expected[1, 1]))
+    assert lps[1].top == ()
+    deeper = token_logprobs(logits, [2, 2], [1, 3], texts)  # a row's k does not limit another's
+    assert [c.token for c in deeper[0].top] == [texts(1)[0]]
+    assert [c.token for c in deeper[1].top] == [texts(i)[0] for i in (2, 0, 3)]
 
 
 def test_row_argmax_and_finite_rows_agree_with_torch():

@@ -44,7 +44,7 @@ from tunedesk.serve.engines.local.logprobs import (
     TokenLogprob,
     TokenTexts,
     prompt_logprobs,
-    token_logprob,
+    token_logprobs,
 )
 from tunedesk.serve.engines.local.prefix_cache import NO_SCOPE, Block, CacheScope
 from tunedesk.serve.engines.local.runners import Runner, make_runner
@@ -474,12 +474,17 @@ class StepBatcher:
                     [s.generated for s in picked],
                     [s.prompt for s in picked],
                 )
-                logprobs = [
-                    None
-                    if s.params.logprobs is None
-                    else token_logprob(sub[i], token, s.params.logprobs, self._token_texts)
-                    for i, (s, token) in enumerate(zip(picked, tokens, strict=True))
-                ]
+                logprobs: list[TokenLogprob | None] = [None] * len(picked)
+                asked = [i for i, s in enumerate(picked) if s.params.logprobs is not None]
+                if asked:
+                    found = token_logprobs(
+                        sub[asked] if len(asked) < len(picked) else sub,
+                        [tokens[i] for i in asked],
+                        [picked[i].params.logprobs for i in asked],
+                        self._token_texts,
+                    )
+                    for i, lp in zip(asked, found, strict=True):
+                        logprobs[i] = lp
             except Exception as exc:
                 log.exception("sampling failed on %s", self.name)
                 for s in picked:

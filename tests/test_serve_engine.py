@@ -226,9 +226,12 @@ def test_grammar_masks_its_own_row_and_ends_the_output_where_the_grammar_ends(
     constraint = make()
 
     async def run():
-        # ignore_eos: the grammar's end alone must stop it. The neighbour shares every step.
+        # ignore_eos: the grammar's end alone must stop it. The neighbour shares its steps
+        # and comes first in the batch, so the masked row is not the batch's first.
         return await asyncio.gather(
-            _generate(batcher, prompt, max_tokens=40, ignore_eos=True, grammar=constraint),
+            _generate(
+                batcher, prompt, delay=0.02, max_tokens=40, ignore_eos=True, grammar=constraint
+            ),
             _generate(batcher, neighbour, ignore_eos=True),
         )
 

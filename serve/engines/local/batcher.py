@@ -293,11 +293,12 @@ class StepBatcher:
         mmap threshold only after the first big frees. Measured on the tiny model, the first
         32-prompt prefill took 165 ms and the next ones 29 ms; without this, the first burst of
         requests pays it in time to first token. Skipped where it would itself be slow (a big
-        model on CPU).
+        model on CPU). Structured outputs' view of the vocabulary is built here too.
         """
         if self._warmed.is_set():
             return
         self._set_threads()
+        self._grammars.prepare()
         rows, width = min(self.max_batch, 32), min(32, self.context_len - 2)
         params = sum(p.numel() for p in self.model.parameters())
         if width < 1 or (self.device.type == "cpu" and params * rows * width > 2e11):

@@ -1,11 +1,13 @@
 """Structured outputs: a grammar masks each step's logits to the tokens that keep the output
 valid, so a JSON schema, a regex or a list of choices is met by construction.
 
-Through llguidance, which vLLM also uses (its `guidance` structured-outputs backend), with
-vLLM's defaults: JSON may carry whitespace between its tokens (vLLM's
+Through llguidance, one of vLLM's structured-outputs backends (`guidance`), read as vLLM
+reads a request: JSON may carry whitespace between its tokens (vLLM's
 `disable_any_whitespace=False`), `json_object` is the schema `{"type": "object"}`, a `choice`
-is one of its strings verbatim. So a request constrains the output the same way on both
-engines.
+is one of its strings verbatim. vLLM's default backend (`auto`) takes xgrammar where xgrammar
+supports the constraint and guidance where it does not; both allow the same outputs for a
+schema both support, so a request asks for the same thing on both engines, though a sampled
+answer need not be token for token the same.
 
 llguidance computes the mask lazily from an Earley parser over the tokenizer's byte trie:
 there is no per-grammar compilation step, so building a matcher takes well under a

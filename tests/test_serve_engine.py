@@ -250,6 +250,19 @@ def test_a_grammar_that_cannot_be_built_fails_only_its_own_request(tiny, batcher
     assert asyncio.run(_generate(batcher, tok(PROMPTS[0])["input_ids"]))[2] is not None
 
 
+def test_a_tokenizer_llguidance_cannot_read_leaves_free_text_serving():
+    class NotFast:  # looks like a fast tokenizer, is not one: llguidance refuses it
+        backend_tokenizer = None
+        eos_token_id = 2
+
+    constraint = grammar.regex_grammar("[0-9]+")
+    for tokenizer, reason in ((object(), "fast"), (NotFast(), "off for this model")):
+        masks = grammar.GrammarMasks(tokenizer, frozenset({2}), 100)
+        masks.prepare()  # at engine start: must not raise
+        with pytest.raises(grammar.GrammarError, match=reason):
+            masks.matcher(constraint)
+
+
 def test_end_of_turn_token_stops_without_text(tiny):
     model, tok = tiny
     prompt = tok(PROMPTS[0])["input_ids"]

@@ -94,26 +94,36 @@ class GrammarMasks:
         self.stop_ids = sorted(stop_ids)
         self.vocab = vocab
         self._ll_tokenizer: Any = None
+        self._unusable: str | None = None
 
     def prepare(self) -> None:
         """Build llguidance's view of the vocabulary (its byte trie) now, at engine start:
         ~1 s on a 150k vocabulary, which the first constrained request would otherwise spend
-        with every running stream waiting. A slow tokenizer is left for matcher() to refuse."""
-        if self._ll_tokenizer is not None or not supports(self.tokenizer):
+        with every running stream waiting. Never raises: a tokenizer llguidance can't read
+        must not stop the model from serving free text; matcher() refuses with the reason."""
+        if self._ll_tokenizer is not None or self._unusable is not None:
             return
-        import llguidance.hf
-
+        if not supports(self.tokenizer):
+            self._unusable = "structured outputs need a fast (tokenizers) tokenizer"
+            return
         started = time.perf_counter()
-        self._ll_tokenizer = llguidance.hf.from_tokenizer(
-            self.tokenizer, n_vocab=self.vocab, eos_token=self.stop_ids or None
-        )
+        try:
+            import llguidance.hf
+
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                self.tokenizer, n_vocab=self.vocab, eos_token=self.stop_ids or None
+            )
+        except Exception as exc:
+            log.warning("structured outputs are off for this model: %s", exc)
+            self._unusable = f"structured outputs are off for this model's tokenizer: {exc}"
+            return
         log.info("structured outputs ready in %.2f s", time.perf_counter() - started)
 
     def matcher(self, grammar: str) -> Any:
         """A fresh matcher at the grammar's start. Raises GrammarError if it can't be built."""
-        if not supports(self.tokenizer):
-            raise GrammarError("structured outputs need a fast (tokenizers) tokenizer")
         self.prepare()  # a no-op after engine start
+        if self._unusable is not None:
+            raise GrammarError(self._unusable)
         m = _llguidance().LLMatcher(self._ll_tokenizer, grammar, log_level=0)
         if m.is_error():
             raise GrammarError(m.get_error())

@@ -245,7 +245,7 @@ def test_grammar_masks_its_own_row_and_ends_the_output_where_the_grammar_ends(
 def test_a_grammar_that_cannot_be_built_fails_only_its_own_request(tiny, batcher):
     _, tok = tiny
     bad = 'start: "a" b'  # not validated on its way in (the server validates), `b` undefined
-    with pytest.raises(Exception, match="structured output"):
+    with pytest.raises(BadRequest, match="structured output"):  # the request's fault: a 400
         asyncio.run(_generate(batcher, tok(PROMPTS[0])["input_ids"], grammar=bad))
     assert asyncio.run(_generate(batcher, tok(PROMPTS[0])["input_ids"]))[2] is not None
 

@@ -175,3 +175,28 @@ def test_a_bad_constraint_is_a_400_naming_its_field(server, extra, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert (err["type"], err["param"]) == ("invalid_request_error", param), err
+
+
+def test_a_grammar_only_the_models_vocabulary_can_refuse_is_a_400_from_the_engine(server):
+    # Valid Lark, checked without the vocabulary on the way in; the engine process, which
+    # holds the vocabulary, finds no such special token and refuses the request, not a 500.
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": MSG,
+            "max_tokens": 5,
+            "structured_outputs": {"grammar": "start: <|no_such_token|>"},
+        },
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and "no_such_token" in err["message"], err
+    # The engine serves on.
+    ok = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": "tiny", "messages": MSG, "max_tokens": 2},
+        timeout=60,
+    )
+    assert ok.status_code == 200

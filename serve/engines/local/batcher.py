@@ -74,6 +74,8 @@ class SeqOutput:
     """The token's logprob, when the request asked for logprobs."""
     prompt_logprobs: list[TokenLogprob] | None = None
     """On a sequence's first output, when asked for: its prompt tokens' logprobs."""
+    refused: bool = False
+    """With `error`: the request asked for what this model can't do (a 400, not a 500)."""
 
 
 @dataclass(eq=False)
@@ -353,7 +355,7 @@ class StepBatcher:
                 try:
                     s.matcher = self._grammars.matcher(s.params.grammar)
                 except Exception as exc:
-                    self._fail(s, f"structured output: {exc}")
+                    self._fail(s, f"structured output: {exc}", refused=True)
                     continue
             if s.params.prompt_logprobs is not None:
                 try:
@@ -542,9 +544,9 @@ class StepBatcher:
             log.warning("structured output on %s stopped: %s", self.name, s.matcher.get_error())
         return s.matcher.is_stopped()
 
-    def _fail(self, s: Sequence, message: str) -> None:
+    def _fail(self, s: Sequence, message: str, refused: bool = False) -> None:
         s.done = True
-        self._emit(s, SeqOutput(s.index, "", 0, error=message))
+        self._emit(s, SeqOutput(s.index, "", 0, error=message, refused=refused))
 
     def _emit(self, s: Sequence, out: SeqOutput) -> None:
         self._out.append((s, out))

@@ -14,7 +14,7 @@ from tunedesk.serve.engines.local.batcher import (
 )
 from tunedesk.serve.engines.local.prefix_cache import NO_SCOPE, CacheScope
 from tunedesk.serve.engines.local.sampling import SamplingParams
-from tunedesk.serve.errors import EngineFailure, GatewayTimeout, Unavailable
+from tunedesk.serve.errors import BadRequest, EngineFailure, GatewayTimeout, Unavailable
 
 # Put in the queue when the deadline passes. A timer posting a marker, rather than
 # asyncio.wait_for around the wait: wait_for can swallow a cancellation that races with a
@@ -88,6 +88,8 @@ class Generation:
                 raise GatewayTimeout("The request timed out before generation finished.")
             if out.error is not None:
                 self._open.discard(out.index)
+                if out.refused:
+                    raise BadRequest(f"This model can't serve the request: {out.error}")
                 raise EngineFailure(f"Generation failed: {out.error}")
             if out.finish_reason is not None:
                 self._open.discard(out.index)

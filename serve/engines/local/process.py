@@ -12,9 +12,9 @@ Protocol over one `multiprocessing` pipe, pickled tuples:
 - parent -> child: ("submit", [(seq id, prompt ids, SamplingParams, choice index, cache scope)]),
   ("abort", [seq ids]), ("stop",)
 - child -> parent: ("ready",), ("failed", message) if the load failed,
-  ("out", [(seq id, text, tokens, finish_reason, error, at, cached)]) once per step, ("dead",
-  reason)
-  if the batcher failed (its sequences got their errors first).
+  ("out", [(seq id, text, tokens, finish_reason, error, at, cached, logprob, prompt logprobs,
+  refused)]) once per step (SeqOutput's fields in order), ("dead", reason) if the batcher
+  failed (its sequences got their errors first).
 The child exits when the pipe closes, so it never outlives the server. If the child dies, every
 open sequence fails with an error (500 or an in-band stream error) and `alive` turns False
 (/ready reports it, new requests get 503).
@@ -107,6 +107,7 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
                             o.cached,
                             o.logprob,
                             o.prompt_logprobs,
+                            o.refused,
                         )
                         for sid, o in pairs
                     ],
@@ -330,13 +331,15 @@ class EngineProcess:
 
     def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
         pairs: list[tuple[Sequence, SeqOutput]] = []
-        for sid, text, tokens, finish, error, at, cached, logprob, prompt_lps in items:
+        for sid, text, tokens, finish, error, at, cached, logprob, prompt_lps, refused in items:
             seq = self._seqs.get(sid)
             if seq is None:
                 continue  # aborted meanwhile
             if finish is not None or error is not None:
                 del self._seqs[sid]
-            out = SeqOutput(seq.index, text, tokens, finish, error, at, cached, logprob, prompt_lps)
+            out = SeqOutput(
+                seq.index, text, tokens, finish, error, at, cached, logprob, prompt_lps, refused
+            )
             pairs.append((seq, out))
         self._deliver_pairs(pairs)
 

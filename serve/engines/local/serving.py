@@ -30,7 +30,7 @@ from tunedesk.serve.engines.local.generation import Generation
 from tunedesk.serve.engines.local.models import LoadedModel, LocalModels
 from tunedesk.serve.engines.local.prefix_cache import CacheScope
 from tunedesk.serve.engines.local.sampling import SamplingParams
-from tunedesk.serve.engines.local.structured import structured_output, unsupported
+from tunedesk.serve.engines.local.structured import request_grammar, unsupported
 from tunedesk.serve.errors import BadRequest, ContextLengthExceeded, EngineFailure, OpenAIError
 from tunedesk.serve.metrics import Metrics
 from tunedesk.serve.protocol import (
@@ -281,7 +281,7 @@ class LocalServing:
         self._check_n(n)
         lm = await self.models.get(body.model)
         bias = _logit_bias(body.logit_bias, len(lm.tokenizer))
-        constraint = structured_output(body, lm.tokenizer)
+        constraint = await request_grammar(body, lm.tokenizer)
         messages = template_messages(body.messages)
         try:
             prompt = encode_prompt(lm.tokenizer, messages)
@@ -323,7 +323,7 @@ class LocalServing:
             raise BadRequest("prompt must not be empty.", param="prompt")
         lm = await self.models.get(body.model)
         bias = _logit_bias(body.logit_bias, len(lm.tokenizer))
-        constraint = structured_output(body, lm.tokenizer)
+        constraint = await request_grammar(body, lm.tokenizer)
         encoded: list[list[int]] = []
         echoed: list[str] = []
         for p in prompts:

@@ -3,11 +3,13 @@
 OpenAI's `response_format` (`json_object`, `json_schema`: what the openai SDK's
 `chat.completions.parse` sends) and vLLM's `structured_outputs` extension (exactly one of
 `json`, `regex`, `choice`, `grammar`, `json_object`), read as vLLM reads them. A malformed
-constraint is a 400 naming the field, before anything is queued.
+constraint is a 400 naming the field, before anything is queued; one that only the model's
+vocabulary can refuse (a special token it lacks) is a 400 from the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from tunedesk.serve.engines.local import grammar
@@ -110,3 +112,13 @@ def structured_output(
         )
     any_whitespace = not options.get("disable_any_whitespace", False)
     return _grammar(kind, spec, any_whitespace, param)
+
+
+async def request_grammar(
+    body: ChatCompletionRequest | CompletionRequest, tokenizer: Any
+) -> str | None:
+    """structured_output() off the event loop when the request has a constraint: a large
+    schema takes llguidance a while to check, and every open stream's chunks would wait."""
+    if body.response_format is None and (body.model_extra or {}).get("structured_outputs") is None:
+        return None
+    return await asyncio.to_thread(structured_output, body, tokenizer)

@@ -53,7 +53,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 CacheSalt = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^@/\\\x00]+$")] | None
 """vLLM's `cache_salt`: only prompts with the same salt (and, here, the same API key) share
@@ -85,12 +85,28 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """The arguments as JSON text, as OpenAI sends them."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's calls, sent back with the conversation."""
+    tool_call_id: str | None = None
+    """A tool turn: which call it answers."""
 
 
 class ChatCompletionRequest(_Request):
@@ -113,6 +129,7 @@ class ChatCompletionRequest(_Request):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     user: str | None = None
     # vLLM extensions, honoured by the local engine too (benchmarks need fixed-length outputs).
     ignore_eos: bool = False
@@ -151,6 +168,7 @@ class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -170,9 +188,19 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ToolCallDelta(BaseModel):
+    """A call in a stream: sent whole here, so it has every field of its first delta."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     # OpenAI sends only the keys that changed: `{}` on the final chunk, never `"role": null`.
     @model_serializer(mode="wrap")

@@ -517,12 +517,12 @@ def test_bad_json_and_bad_fields_are_400_naming_the_param(server):
         _post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSG, "n": 9}), 400
     )
     assert err["param"] == "n"
-    tools = [{"type": "function", "function": {"name": "f"}}]
+    tools = [{"type": "function", "function": {"name": "f"}}, {"type": "retrieval"}]
     err = _error(
         _post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSG, "tools": tools}),
         400,
     )
-    assert err["param"] == "tools"
+    assert err["param"] == "tools[1].type"  # more in test_serve_tools.py
 
 
 def test_a_field_of_several_types_is_named_once_with_the_error_of_its_value(server):

@@ -4,6 +4,7 @@ command it would run (checked on CPU), and one real vLLM run for GPU machines.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import os
@@ -131,6 +132,15 @@ def test_vllm_command_line(tmp_path):
     assert "--enable-lora" in cmd and value("--lora-modules") == f"faq={adapter.resolve()}"
     assert value("--max-lora-rank") == "32"
     assert cmd[-2:] == ["--max-model-len", "4096"]
+    assert "--tool-call-parser" not in cmd  # this template writes no tool calls
+    # A template that writes <tool_call> blocks gets vLLM's parser for them, unless the
+    # operator passes one.
+    (base / "chat_template.jinja").write_text("{{ '<tool_call>' }}")
+    tooled = dataclasses.replace(launch, chat_template=base / "chat_template.jinja")
+    cmd = tooled.command()
+    assert "--enable-auto-tool-choice" in cmd and value("--tool-call-parser") == "hermes"
+    own = dataclasses.replace(tooled, extra_args=["--tool-call-parser=qwen3_xml"])
+    assert own.command().count("--enable-auto-tool-choice") == 0
     # A saved chat_template.jinja is used as is; no template at all is refused.
     (base / "chat_template.jinja").write_text("saved")
     assert chat_template_file(str(base), scratch) == base / "chat_template.jinja"
@@ -203,7 +213,7 @@ def test_vllm_engine_serves_the_tiny_model_with_the_training_template(
     from test_serve_support import build_tiny, cache_root, serve
     from transformers import AutoTokenizer
 
-    from tunedesk.chat_format import encode_prompt
+    from tunedesk.chat_format import encode_prompt, normalize_tools
 
     tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
     settings = ServeSettings(
@@ -225,3 +235,23 @@ def test_vllm_engine_serves_the_tiny_model_with_the_training_template(
         streamed = client.chat.completions.create(**kw, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
         assert text == full.choices[0].message.content
+        # The template's <tool_call> blocks come back as tool_calls (vLLM's hermes parser,
+        # which the engine starts vLLM with), as on the embedded engine; the answer is held
+        # to one such block so that the untrained model writes it.
+        tools = [{"type": "function", "function": {"name": "fee", "parameters": {}}}]
+        block = '<tool_call>\n{"name": "fee", "arguments": {"fund": "医药"}}\n</tool_call>'
+        regex = "".join("\\" + c if c in set(r"\.^$*+?{}[]|()") else c for c in block)
+        called = client.chat.completions.create(
+            **{**kw, "max_tokens": 120},
+            tools=tools,
+            extra_body={"structured_outputs": {"regex": regex}},
+        )
+        [call] = called.choices[0].message.tool_calls
+        assert called.choices[0].finish_reason == "tool_calls"
+        assert (call.function.name, json.loads(call.function.arguments)) == (
+            "fee",
+            {"fund": "医药"},
+        )
+        assert called.usage.prompt_tokens == len(
+            encode_prompt(tok, messages, normalize_tools(tools))
+        )

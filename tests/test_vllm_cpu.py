@@ -63,10 +63,13 @@ template = load_chat_template(template_file)
 config = ModelConfig(model=model, tokenizer=model)
 renderer = renderer_from_config(VllmConfig(model_config=config))
 out = []
-for messages in conversations:
-    req = ChatCompletionRequest(model="m", messages=messages, max_tokens=1)
+for c in conversations:
+    messages, tools = (c, None) if isinstance(c, list) else (c["messages"], c["tools"])
+    req = ChatCompletionRequest(model="m", messages=messages, tools=tools, max_tokens=1)
     extra = [None] * (len(inspect.signature(req.build_chat_params).parameters) - 2)  # 0.33: +1
     params = req.build_chat_params(template, "auto", *extra)
+    if req.tools:  # as vLLM's server hands a request's tools to the template
+        params = params.with_defaults({"tools": [t.model_dump() for t in req.tools]})
     _, prompt = renderer.render_messages(req.messages, params)
     [tokens] = renderer.tokenize_prompts([prompt], req.build_tok_params(config))
     out.append(list(tokens["prompt_token_ids"]))
@@ -109,7 +112,8 @@ def test_vllm_renders_the_prompt_tunedesk_trains_and_serves_with(pytestconfig, t
 
     from tunedesk.chat_format import encode_prompt
     from tunedesk.serve.engines.local.serving import template_messages
-    from tunedesk.serve.protocol import ChatMessage
+    from tunedesk.serve.engines.local.tools import tool_use
+    from tunedesk.serve.protocol import ChatCompletionRequest
 
     tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
     template = chat_template_file(str(tiny), tmp_path_factory.mktemp("template"))
@@ -144,14 +148,49 @@ def test_vllm_renders_the_prompt_tunedesk_trains_and_serves_with(pytestconfig, t
             {"role": "user", "content": "再问"},
         ],
     ]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "fund_fee",
+                "description": "申购费率",
+                "parameters": {"type": "object", "properties": {"fund": {"type": "string"}}},
+            },
+        },
+        {"type": "function", "function": {"name": "today"}},  # no description, no parameters
+    ]
+    call = {"id": "call_1", "type": "function", "function": {"name": "fund_fee"}}
+    conversations += [
+        {"messages": [{"role": "user", "content": "医药基金申购费？"}], "tools": tools},
+        {
+            "messages": [
+                {"role": "system", "content": "你是基金客服。"},
+                {"role": "user", "content": "医药基金申购费？"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {**call, "function": {**call["function"], "arguments": '{"fund":"医药"}'}},
+                        {**call, "id": "call_2", "function": {"name": "today", "arguments": ""}},
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "0.15%"},
+                {"role": "tool", "tool_call_id": "call_2", "content": "2026-11-22"},
+                {"role": "user", "content": "那消费呢"},
+            ],
+            "tools": tools,
+        },
+    ]
     theirs = _run(
         RENDER_WITH_VLLM, str(tiny), str(template), json.dumps(conversations), tag="RENDERED"
     )
     tok = AutoTokenizer.from_pretrained(tiny)
-    ours = [
-        encode_prompt(tok, template_messages([ChatMessage.model_validate(m) for m in c]))
-        for c in conversations
-    ]
+    ours = []
+    for c in conversations:
+        messages, tools = (c, None) if isinstance(c, list) else (c["messages"], c["tools"])
+        body = ChatCompletionRequest(model="m", messages=messages, tools=tools)
+        use = tool_use(body)
+        ours.append(encode_prompt(tok, template_messages(body.messages), use and use.tools))
     for conversation, vllm_ids, our_ids in zip(conversations, theirs, ours, strict=True):
         assert vllm_ids == list(our_ids), conversation
 

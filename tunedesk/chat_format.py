@@ -70,6 +70,63 @@ class ChatFormatError(ValueError):
     """The conversation or the tokenizer's template can't be rendered as asked."""
 
 
+class ToolsError(ChatFormatError):
+    """A tools list that can't be rendered; `field` names the offending part (`tools[1].function.name`)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def normalize_tools(tools: list[Any], field: str = "tools") -> list[dict[str, Any]]:
+    """OpenAI tool definitions in the one shape every renderer gives the template.
+
+    vLLM renders a request's tools as its pydantic models dump them: `{"type": "function",
+    "function": {"name", "description", "parameters"}}` with `null` for an absent description
+    or parameters, `strict` only where it is set, and no other keys. Training data and the
+    embedded engine's requests go through this too, so a tool renders into the same prompt
+    text whichever of them it comes from. A bare function (`{"name", ...}`) is wrapped."""
+    out: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        at = f"{field}[{i}]"
+        if not isinstance(tool, dict):
+            raise ToolsError(f"{at} must be an object.", at)
+        if "function" not in tool and "name" in tool:
+            tool = {"type": "function", "function": tool}
+        if tool.get("type", "function") != "function":
+            raise ToolsError(
+                f"{at}.type must be 'function'; got {tool.get('type')!r}.", f"{at}.type"
+            )
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise ToolsError(f"{at}.function must be an object.", f"{at}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise ToolsError(
+                f"{at}.function.name must be a non-empty string.", f"{at}.function.name"
+            )
+        description = fn.get("description")
+        if description is not None and not isinstance(description, str):
+            raise ToolsError(
+                f"{at}.function.description must be a string.", f"{at}.function.description"
+            )
+        parameters = fn.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise ToolsError(
+                f"{at}.function.parameters must be a JSON schema object.",
+                f"{at}.function.parameters",
+            )
+        function: dict[str, Any] = {
+            "name": name,
+            "description": description,
+            "parameters": parameters,
+        }
+        if fn.get("strict") is not None:
+            function["strict"] = fn["strict"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
 @dataclass
 class Encoded:
     """A rendered conversation: `input_ids` with a parallel 0/1 `loss_mask`."""

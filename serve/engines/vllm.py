@@ -3,6 +3,8 @@
 The child gets the training chat template explicitly (`--chat-template`), so vLLM renders
 prompts exactly as `tunedesk.chat_format` does in training, and `--generation-config vllm` so
 sampling defaults are OpenAI's rather than whatever the checkpoint's generation_config says.
+A template that writes tool calls as `<tool_call>` blocks also gets vLLM's `hermes` tool
+parser, so `tool_choice: auto` returns `tool_calls` on both engines.
 The supervisor gates readiness on the child's /health and restarts it if it dies.
 """
 
@@ -111,6 +113,12 @@ class VLLMLaunch:
         ]
         if self.chat_template is not None:
             cmd += ["--chat-template", str(self.chat_template)]
+        if self._writes_hermes_calls() and not any(
+            a.startswith(("--tool-call-parser", "--enable-auto-tool-choice"))
+            for a in self.extra_args
+        ):
+            # `tool_choice: auto` reads calls out of the answer as the embedded engine does.
+            cmd += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
         if self.loras:
             cmd += ["--enable-lora", "--lora-modules"]
             cmd += [f"{spec.name}={spec.adapter}" for spec in self.loras]
@@ -118,6 +126,14 @@ class VLLMLaunch:
             if ranks and max(ranks) > 16:  # vLLM's default --max-lora-rank is 16
                 cmd += ["--max-lora-rank", str(max(ranks))]
         return cmd + list(self.extra_args)
+
+    def _writes_hermes_calls(self) -> bool:
+        """The template writes tool calls as <tool_call> blocks (tunedesk's and Qwen's do),
+        which vLLM's `hermes` parser reads. Other templates get no parser unless one is
+        passed with --vllm-arg."""
+        if self.chat_template is None:
+            return False
+        return "<tool_call>" in self.chat_template.read_text(encoding="utf-8")
 
 
 def launch_for(registry: ModelRegistry, settings: ServeSettings, scratch: Path) -> VLLMLaunch:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunedesk.chat_format import one_system_turn_first
+from tunedesk.chat_format import ToolsError, normalize_tools, one_system_turn_first
 
 from .records import Problem, Record
 
@@ -476,7 +476,7 @@ def _args_text(args: Any) -> str:
 
 
 def _parse_tools(value: Any, field: str) -> list[dict] | None:
-    """A tools list (JSON text or list), bare function schemas wrapped OpenAI-style."""
+    """A tools list (JSON text or list) in the shape serving renders (chat_format.normalize_tools)."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -492,10 +492,10 @@ def _parse_tools(value: Any, field: str) -> list[dict] | None:
         raise _Bad("bad_tools", msg, field)
     if not value:
         return None
-    return [
-        {"type": "function", "function": t} if "name" in t and "function" not in t else t
-        for t in value
-    ]
+    try:
+        return normalize_tools(value, field)
+    except ToolsError as e:
+        raise _Bad("bad_tools", f"field '{e.field}': {e}", e.field) from None
 
 
 def _content(value: Any, field: str) -> str:

@@ -11,6 +11,7 @@ import json
 
 from tunedesk.serve.engines.local.batcher import SeqOutput
 from tunedesk.serve.engines.local.logprobs import Candidate, TokenLogprob
+from tunedesk.serve.engines.local.tools import ToolStream, ToolUse, parse_calls
 from tunedesk.serve.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -23,6 +24,9 @@ from tunedesk.serve.protocol import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    FunctionCall,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
     now,
@@ -183,8 +187,13 @@ class Choices:
 
 
 class ChatFormat:
-    def __init__(self, model: str, include_usage: bool, logprobs: bool = False) -> None:
+    def __init__(
+        self, model: str, include_usage: bool, logprobs: bool = False, tools: ToolUse | None = None
+    ) -> None:
+        """`tools`: read tool calls out of the answers (tools.py)."""
         self.logprobs = logprobs
+        self.tools = tools
+        self._tool_streams: dict[int, ToolStream] = {}
         self.id = random_id("chatcmpl")
         self.created = now()
         self.model = model
@@ -208,23 +217,46 @@ class ChatFormat:
     def pieces(self, outs: list[SeqOutput]) -> bytes:
         parts: list[bytes] = []
         for out in outs:
+            text, calls, reason = out.text, [], out.finish_reason
+            if self.tools is not None:
+                stream = self._tool_streams.setdefault(out.index, ToolStream())
+                text = stream.feed(out.text)
+                if reason is not None:
+                    rest, calls = stream.finish()
+                    text += rest
+                    reason = self.tools.finish_reason(reason, bool(calls))
             if out.logprob is not None:  # every token, also one whose text is held back
                 choice = ChunkChoice(
                     index=out.index,
-                    delta=ChoiceDelta(content=out.text),
+                    delta=ChoiceDelta(content=text),
                     logprobs=chat_logprobs([out.logprob]),
                 )
                 parts.append(self._chunk([choice]))
-            elif out.text:
-                parts.append(self._text.render(out.index, out.text))
-            if out.finish_reason is not None:
+            elif text:
+                parts.append(self._text.render(out.index, text))
+            if calls:
+                deltas = [ToolCallDelta(index=k, **call) for k, call in enumerate(calls)]
+                choice = ChunkChoice(index=out.index, delta=ChoiceDelta(tool_calls=deltas))
+                parts.append(self._chunk([choice]))
+            if reason is not None:
                 choice = ChunkChoice(
                     index=out.index,
                     delta=ChoiceDelta(),
-                    finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                    finish_reason=reason,  # type: ignore[arg-type]
                 )
                 parts.append(self._chunk([choice]))
         return b"".join(parts)
+
+    def _message(self, text: str, reason: str) -> tuple[ChatCompletionMessage, str]:
+        if self.tools is None:
+            return ChatCompletionMessage(content=text), reason
+        content, calls = parse_calls(text)
+        message = ChatCompletionMessage(
+            content=content,
+            tool_calls=[ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in calls]
+            or None,
+        )
+        return message, self.tools.finish_reason(reason, bool(calls))
 
     def usage(self, usage: Usage) -> bytes:
         return sse(
@@ -241,11 +273,14 @@ class ChatFormat:
             choices=[
                 ChatChoice(
                     index=i,
-                    message=ChatCompletionMessage(content=text),
+                    message=message,
                     logprobs=chat_logprobs(choices.logprobs[i]) if self.logprobs else None,
-                    finish_reason=choices.finish[i] or "stop",  # type: ignore[arg-type]
+                    finish_reason=reason,  # type: ignore[arg-type]
                 )
-                for i, text in enumerate(choices.texts)
+                for i, (message, reason) in enumerate(
+                    self._message(text, finish or "stop")
+                    for text, finish in zip(choices.texts, choices.finish, strict=True)
+                )
             ],
             usage=usage,
         )

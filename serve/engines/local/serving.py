@@ -9,6 +9,8 @@ encodes raw text (OpenAI semantics: no chat template).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +33,7 @@ from tunedesk.serve.engines.local.models import LoadedModel, LocalModels
 from tunedesk.serve.engines.local.prefix_cache import CacheScope
 from tunedesk.serve.engines.local.sampling import SamplingParams
 from tunedesk.serve.engines.local.structured import request_grammar, unsupported
+from tunedesk.serve.engines.local.tools import call_grammar, tool_use
 from tunedesk.serve.errors import BadRequest, ContextLengthExceeded, EngineFailure, OpenAIError
 from tunedesk.serve.metrics import Metrics
 from tunedesk.serve.protocol import (
@@ -38,6 +41,7 @@ from tunedesk.serve.protocol import (
     ChatMessage,
     CompletionRequest,
     PromptTokensDetails,
+    ToolCall,
     Usage,
 )
 from tunedesk.serve.settings import ServeSettings
@@ -133,10 +137,29 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             content = "\n".join(texts)
         # `developer` is OpenAI's newer name for the system turn.
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content or ""})
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if m.role == "assistant" and m.tool_calls:
+            message["tool_calls"] = [_history_call(c) for c in m.tool_calls]
+        if m.role == "tool":
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
     if any(m.role == "developer" for m in messages):
         out = one_system_turn_first(out)  # as vLLM renders such a request
     return out
+
+
+def _history_call(call: ToolCall) -> dict[str, Any]:
+    """An earlier turn's call as the template gets it. Its arguments become an object, as
+    vLLM hands them over (JSON text that is not an object reads as `{}`, as there), so both
+    engines render the same `tojson` text."""
+    try:
+        arguments = json.loads(call.function.arguments) if call.function.arguments else {}
+    except ValueError:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        arguments = {}
+    function = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": "function", "function": function}
 
 
 def cache_scope(call: ApiCall[Any], shared: int = 0) -> CacheScope:
@@ -147,13 +170,18 @@ def cache_scope(call: ApiCall[Any], shared: int = 0) -> CacheScope:
     return CacheScope(key=call.ctx.key_name or "", salt=salt, shared=shared)
 
 
-def system_turn_tokens(tokenizer: Any, messages: list[dict[str, Any]], prompt: list[int]) -> int:
+def system_turn_tokens(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    prompt: list[int],
+    tools: list[dict[str, Any]] | None = None,
+) -> int:
     """How many of `prompt`'s leading tokens are its system turn (0 without one, or where the
     system turn alone does not tokenise to a prefix of the whole prompt)."""
     if not messages or messages[0]["role"] != "system":
         return 0
     try:
-        head = encode_messages(tokenizer, messages[:1])
+        head = encode_messages(tokenizer, messages[:1], tools)
     except ChatFormatError:
         return 0
     return len(head) if prompt[: len(head)] == head else 0
@@ -275,16 +303,23 @@ class LocalServing:
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
         logprobs = _logprobs_k(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
-        if body.tools or body.tool_choice not in (None, "none"):
-            raise unsupported("tools")
+        tools = tool_use(body)
         n = body.num_sequences()
         self._check_n(n)
         lm = await self.models.get(body.model)
         bias = _logit_bias(body.logit_bias, len(lm.tokenizer))
         constraint = await request_grammar(body, lm.tokenizer)
+        if tools is not None and tools.mode in ("required", "named"):
+            if constraint is not None:
+                raise BadRequest(
+                    "tool_choice and response_format (or structured_outputs) each constrain "
+                    "the answer; send one.",
+                    param="tool_choice",
+                )
+            constraint = await asyncio.to_thread(call_grammar, tools)
         messages = template_messages(body.messages)
         try:
-            prompt = encode_prompt(lm.tokenizer, messages)
+            prompt = encode_prompt(lm.tokenizer, messages, tools.tools if tools else None)
         except ChatFormatError as exc:
             raise BadRequest(str(exc), param="messages") from None
         self._check_prompt(lm, len(prompt), "messages")
@@ -296,11 +331,18 @@ class LocalServing:
             for i in range(n)
         ]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = ChatFormat(body.model, include_usage, logprobs=logprobs is not None)
+        fmt = ChatFormat(
+            body.model,
+            include_usage,
+            logprobs=logprobs is not None,
+            tools=tools if tools is not None and tools.parses else None,
+        )
         logged = {"messages": messages} if self.settings.log_content else None
         shared = 0
         if body.cache_salt and body.cache_share_system:
-            shared = system_turn_tokens(lm.tokenizer, messages, prompt)
+            shared = system_turn_tokens(
+                lm.tokenizer, messages, prompt, tools.tools if tools else None
+            )
         scope = cache_scope(call, shared)
         return await self._respond(
             call, lm, jobs, len(prompt), fmt, bool(body.stream), logged, scope

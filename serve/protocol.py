@@ -170,6 +170,14 @@ class ChatCompletionMessage(BaseModel):
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
 
+    # As OpenAI's: no `tool_calls` key on an answer without calls.
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
+
 
 class ChatChoice(BaseModel):
     index: int

@@ -303,3 +303,10 @@ def test_parse_calls_and_the_stream_splitter_agree_on_every_split():
     assert [c["function"]["name"] for c in parse_calls(texts[2])[1]] == ["f", "g"]
     assert parse_calls(texts[3])[1][0]["function"]["arguments"] == "{}"
     assert parse_calls(texts[4]) == (texts[4], [])
+
+
+def test_an_answer_without_calls_has_no_tool_calls_key(server):
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 2, "tools": TOOLS}
+    message = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=30).json()
+    message = message["choices"][0]["message"]
+    assert message["role"] == "assistant" and "tool_calls" not in message  # as OpenAI's

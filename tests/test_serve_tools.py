@@ -38,6 +38,7 @@ class LookupOrder(BaseModel):
 
 TOOLS = [openai.pydantic_function_tool(FundFee), openai.pydantic_function_tool(LookupOrder)]
 PARSERS = {"FundFee": FundFee, "LookupOrder": LookupOrder}
+ASK = dict(model="tiny", messages=MSG, tools=TOOLS)
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +81,9 @@ def _streamed(stream) -> tuple[str, list[tuple[str, str]], str | None]:
 
 
 def test_sdk_parse_with_a_named_tool_gives_the_pydantic_arguments_and_the_stream_agrees(client):
-    done = client.chat.completions.parse(
-        model="tiny",
-        messages=MSG,
-        tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "LookupOrder"}},
-        temperature=0,
-        max_tokens=200,
-    )
+    named = {"type": "function", "function": {"name": "LookupOrder"}}
+    kwargs = dict(ASK, tool_choice=named, temperature=0, max_tokens=200)
+    done = client.chat.completions.parse(**kwargs)
     choice = done.choices[0]
     assert choice.finish_reason == "stop"  # OpenAI's (and vLLM's) reason for a named call
     [call] = choice.message.tool_calls
@@ -101,28 +97,13 @@ def test_sdk_parse_with_a_named_tool_gives_the_pydantic_arguments_and_the_stream
     args = json.loads(call.function.arguments)
     assert call.function.arguments == json.dumps(args, ensure_ascii=False)
 
-    stream = client.chat.completions.create(
-        model="tiny",
-        messages=MSG,
-        tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "LookupOrder"}},
-        temperature=0,
-        max_tokens=200,
-        stream=True,
-    )
+    stream = client.chat.completions.create(**kwargs, stream=True)
     assert _streamed(stream) == ("", [("LookupOrder", call.function.arguments)], "stop")
 
 
 def test_required_makes_every_sampled_choice_call_a_listed_tool(client):
     done = client.chat.completions.create(
-        model="tiny",
-        messages=MSG,
-        tools=TOOLS,
-        tool_choice="required",
-        temperature=1.5,
-        seed=7,
-        n=4,
-        max_tokens=300,
+        **ASK, tool_choice="required", temperature=1.5, seed=7, n=4, max_tokens=300
     )
     assert len(done.choices) == 4
     for choice in done.choices:
@@ -134,9 +115,7 @@ def test_required_makes_every_sampled_choice_call_a_listed_tool(client):
 
 def test_parallel_tool_calls_false_allows_one_call(client):
     done = client.chat.completions.create(
-        model="tiny",
-        messages=MSG,
-        tools=TOOLS,
+        **ASK,
         tool_choice="required",
         parallel_tool_calls=False,
         temperature=1.5,
@@ -150,7 +129,7 @@ def test_parallel_tool_calls_false_allows_one_call(client):
 def test_auto_reads_the_templates_call_blocks_out_of_the_answer(client):
     call = '{"name": "FundFee", "arguments": {"fund": "医药"}}'
     answer = f"好的，我查一下。\n<tool_call>\n{call}\n</tool_call>"
-    kwargs = dict(model="tiny", messages=MSG, tools=TOOLS, temperature=0, max_tokens=200)
+    kwargs = dict(ASK, temperature=0, max_tokens=200)
     done = client.chat.completions.create(**kwargs, extra_body=_forced(answer))
     choice = done.choices[0]
     assert choice.finish_reason == "tool_calls"

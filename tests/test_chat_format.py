@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunedesk.chat_format import (
     IGNORE_INDEX,
     ChatFormatError,
+    call_arguments,
     encode_conversation,
     encode_prompt,
     render_prompt,
@@ -180,6 +181,28 @@ def test_tool_calls_render_and_train(tokenizer):
         '<tool_call>\n{"name": "get_nav", "arguments": {"code": "960101"}}\n</tool_call>'
         "<|im_end|>最新净值为1.2345。<|im_end|>"
     )
+
+
+def test_call_arguments_train_in_the_spelling_they_are_served_with(tokenizer):
+    """Compact, spaced or inline arguments all render as the template's `tojson` writes them:
+    the text serving renders a call in and holds a forced call to."""
+
+    def trained_call(arguments):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        conv = [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+        ]
+        return trained_text(tokenizer, encode_conversation(tokenizer, conv))
+
+    spaced = trained_call('{"基金": "960101", "n": [1, 2]}')
+    assert '"arguments": {"基金": "960101", "n": [1, 2]}}' in spaced
+    assert trained_call('{"基金":"960101","n":[1,2]}') == spaced
+    assert trained_call({"基金": "960101", "n": [1, 2]}) == spaced
+    # vLLM's rule for what is not an object: it reads as {}.
+    for odd in ("", None, "[1]", "not json"):
+        assert '"arguments": {}}' in trained_call(odd)
+    assert call_arguments('{"a":1}') == {"a": 1} and call_arguments("42") == {}
 
 
 def test_tiny_base_loads_and_round_trips(tokenizer, tmp_path_factory):

@@ -405,6 +405,27 @@ def test_sharegpt_bad_tools_and_bad_function_call_are_errors(tmp_path):
     assert [(p.code, p.line) for p in result.problems] == [("bad_tools", 2), ("bad_tool_call", 3)]
 
 
+def test_call_arguments_that_are_not_a_json_object_are_errors_naming_the_field(tmp_path):
+    def chat(arguments):
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        messages = [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+        ]
+        return json.dumps({"messages": messages})
+
+    rows = [chat('{"x":1}'), chat("x=1"), chat("[1, 2]"), chat(""), chat(None)]
+    result = load_file(_write(tmp_path, "calls.jsonl", "\n".join(rows)))
+    assert [(p.code, p.line, p.field) for p in result.problems] == [
+        ("bad_tool_call", 2, "messages[1].tool_calls[0].function.arguments"),
+        ("bad_tool_call", 3, "messages[1].tool_calls[0].function.arguments"),
+    ]
+    assert "not valid JSON" in result.problems[0].message
+    assert "JSON object" in result.problems[1].message
+    args = [r.messages[1]["tool_calls"][0]["function"]["arguments"] for r in result.records]
+    assert args == ['{"x":1}', "{}", "{}"]  # kept as written; empty means no arguments
+
+
 def test_mismatched_record_in_auto_detected_file(tmp_path):
     rows = [{"prompt": "p", "completion": "c"}, {"messages": [{"role": "user", "content": "x"}]}]
     result = load_file(_write(tmp_path, "m.jsonl", "\n".join(json.dumps(r) for r in rows)))

@@ -17,6 +17,7 @@ silently wrong mask.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,10 +161,44 @@ def one_system_turn_first(messages: list[dict[str, Any]]) -> list[dict[str, Any]
     return [{"role": "system", "content": merged}, *rest]
 
 
+def call_arguments(arguments: Any) -> dict[str, Any]:
+    """A tool call's `arguments` as the template gets them: an object, parsed from the JSON
+    text OpenAI's format carries. This is vLLM's rule (`_postprocess_messages`): empty, text
+    that is not JSON, and JSON that is not an object all read as `{}`. Training and both
+    engines render through it, so a call is written out as the template's `tojson` spells it
+    whatever spacing the data came with: `{"city":"Paris"}` in training data is trained as
+    `{"city": "Paris"}`, the text the model is prompted with and held to when served."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not isinstance(arguments, str) or not arguments:
+        return {}
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict):
+        return call
+    return {
+        **call,
+        "function": {**function, "arguments": call_arguments(function.get("arguments"))},
+    }
+
+
 def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # Drop keys the template never reads (weights, provenance) so they can't leak into a render.
     keep = ("role", "content", "tool_calls", "tool_call_id", "name")
-    return [{k: m[k] for k in keep if k in m} for m in messages]
+    out = []
+    for m in messages:
+        message = {k: m[k] for k in keep if k in m}
+        if message.get("tool_calls"):
+            message["tool_calls"] = [_template_call(c) for c in message["tool_calls"]]
+        out.append(message)
+    return out
 
 
 def _render(

@@ -469,10 +469,22 @@ def _meta(obj: dict, standard: frozenset[str]) -> dict:
     }
 
 
-def _args_text(args: Any) -> str:
-    if isinstance(args, str):
-        return args
-    return json.dumps({} if args is None else args, ensure_ascii=False)
+def _args_text(args: Any, field: str) -> str:
+    """A call's arguments as OpenAI's JSON text. They must be a JSON object (inline or as
+    text): the template is handed them as one, and anything else would be trained as `{}`."""
+    parsed = args
+    if isinstance(args, str) and args.strip():
+        try:
+            parsed = json.loads(args)
+        except ValueError as e:
+            msg = f"field '{field}' is not valid JSON: {getattr(e, 'msg', e)}"
+            raise _Bad("bad_tool_call", msg, field) from None
+    elif args is None or isinstance(args, str):
+        return "{}"
+    if not isinstance(parsed, dict):
+        msg = f"field '{field}' must be a JSON object of arguments, got {_typename(parsed)}"
+        raise _Bad("bad_tool_call", msg, field)
+    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
 def _parse_tools(value: Any, field: str) -> list[dict] | None:
@@ -705,7 +717,10 @@ def _chat_tool_call(call: Any, f: str, k: int) -> dict:
     return {
         "id": call_id if isinstance(call_id, str) else f"call_{k}",
         "type": "function",
-        "function": {"name": fn["name"], "arguments": _args_text(fn.get("arguments"))},
+        "function": {
+            "name": fn["name"],
+            "arguments": _args_text(fn.get("arguments"), f"{f}.function.arguments"),
+        },
     }
 
 
@@ -837,8 +852,8 @@ def _parse_call_value(value: str, f: str, first_id: int) -> list[dict]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             msg = f"field '{f}' must hold a JSON object with a string 'name' and 'arguments'"
             raise _Bad("bad_tool_call", msg, f)
-        args = item["arguments"] if "arguments" in item else item.get("parameters")
-        function = {"name": item["name"], "arguments": _args_text(args)}
+        key = "arguments" if "arguments" in item else "parameters"
+        function = {"name": item["name"], "arguments": _args_text(item.get(key), f"{f}.{key}")}
         calls.append({"id": f"call_{first_id + k}", "type": "function", "function": function})
     return calls
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tunedesk.chat_format import ChatFormatError, assistant_spans
+from tunedesk.chat_format import ChatFormatError, assistant_spans, call_arguments
 
 from .records import Record
 
@@ -25,7 +25,10 @@ def _content_text(message: dict) -> str:
     text = message.get("content") or ""
     for call in message.get("tool_calls") or []:
         fn = call.get("function", {})
-        text += f"{fn.get('name', '')}{fn.get('arguments', '')}"
+        # The arguments as the template writes them; the shape's empty call already holds the
+        # braces, so only what goes between them is counted here.
+        arguments = json.dumps(call_arguments(fn.get("arguments")), ensure_ascii=False)
+        text += f"{fn.get('name', '')}{arguments[1:-1]}"
     return text
 
 

@@ -10,7 +10,6 @@ encodes raw text (OpenAI semantics: no chat template).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -149,16 +148,9 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def _history_call(call: ToolCall) -> dict[str, Any]:
-    """An earlier turn's call as the template gets it. Its arguments become an object, as
-    vLLM hands them over (JSON text that is not an object reads as `{}`, as there), so both
-    engines render the same `tojson` text."""
-    try:
-        arguments = json.loads(call.function.arguments) if call.function.arguments else {}
-    except ValueError:
-        arguments = {}
-    if not isinstance(arguments, dict):
-        arguments = {}
-    function = {"name": call.function.name, "arguments": arguments}
+    """An earlier turn's call as the template gets it; chat_format reads its arguments into
+    an object, as vLLM hands them over, so both engines render the same `tojson` text."""
+    function = {"name": call.function.name, "arguments": call.function.arguments}
     return {"id": call.id, "type": "function", "function": function}
 
 

@@ -419,6 +419,66 @@ def test_a_server_restart_mid_job_resumes_it_from_its_last_checkpoint(server):
     assert job.fine_tuned_model in {m.id for m in client.models.list()}
 
 
+def test_delete_a_fine_tuned_model_and_a_checkpoint(server):
+    """`client.models.delete`: a checkpoint's name alone, then the fine-tune with its merged
+    weights; both stay deleted after a restart, and the job keeps its record and adapter."""
+    client = server.client
+    train = client.files.create(file=("fund_qa.jsonl", TRAIN), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=train.id,
+        suffix="old",
+        method=SMALL_BATCH,
+        extra_body={"tunedesk": {**FAST, "save_every": 2}},
+    )
+    job = wait_for(client, job.id, {"succeeded"})
+    ft = job.fine_tuned_model
+    steps = {c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data}
+    assert steps == {2, 4}
+    early, final = f"{ft}:ckpt-step-2", f"{ft}:ckpt-step-4"
+    assert {ft, early, final} <= {m.id for m in client.models.list()}
+
+    widget = OpenAI(base_url=server.thread.base_url, api_key=WIDGET_KEY, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        widget.models.delete(ft)
+    with pytest.raises(openai.PermissionDeniedError, match="not made by this server"):
+        client.models.delete(BASE)
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(f"ft:{BASE}:nope:ftjob-0")
+
+    gone = client.models.delete(early)
+    assert (gone.id, gone.object, gone.deleted) == (early, "model", True)
+    served = {m.id for m in client.models.list()}
+    assert early not in served and {ft, final} <= served
+    server.stop()
+    server.start()
+    client = server.client
+    served = {m.id for m in client.models.list()}
+    assert early not in served and {ft, final} <= served
+
+    merged = server.home / "runs" / job.id / "merged"
+    assert (merged / "config.json").is_file()
+    gone = client.models.delete(ft)
+    assert (gone.id, gone.deleted) == (ft, True)
+    served = {m.id for m in client.models.list()}
+    assert not {ft, early, final} & served and BASE in served
+    assert not merged.exists() and not (merged.parent / "merged.deleted").exists()
+    assert (server.home / "runs" / job.id / "adapter" / "adapter_config.json").is_file()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=ft, messages=[{"role": "user", "content": "q"}])
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(ft)
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded" and job.fine_tuned_model == ft  # as OpenAI keeps it
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data]
+    assert f"Fine-tuned model deleted: {ft}" in events
+
+    server.stop()
+    server.start()
+    served = {m.id for m in server.client.models.list()}
+    assert not {ft, early, final} & served and BASE in served
+
+
 def test_api_jobs_are_the_tunedesk_jobs(server):
     """One store: `tunedesk jobs list` (a separate process, same runs folder) shows every API
     job with the same status."""

@@ -19,6 +19,7 @@ Enabled with `tunedesk serve --finetune` (or TUNEDESK_FINETUNE=1). Endpoints:
     POST   /v1/fine_tuning/jobs/{id}/cancel        cancel
     GET    /v1/fine_tuning/jobs/{id}/events        newest first, ?after&limit
     GET    /v1/fine_tuning/jobs/{id}/checkpoints   newest first, ?after&limit
+    DELETE /v1/models/{model}                      a fine-tuned model or checkpoint (core.py)
 
 Every route needs a key with the `fine-tune` scope (keys without `scopes=` have it; a chat
 widget's `scopes=chat` key gets 403); a key limited with `models=` trains only those models.
@@ -30,7 +31,9 @@ Uploads count against the server's --max-body-bytes.
 
 `model` is a model this server serves (its served name), a local model folder or a hub id
 (see `plan`); the fine-tuned model is served as `ft:<model>:<suffix>:<job-id>` once the job
-succeeds, each checkpoint as `...:ckpt-step-N`.
+succeeds, each checkpoint as `...:ckpt-step-N`. Deleting the fine-tune stops serving it and
+removes its merged weights (the job's adapter stays); deleting a checkpoint's name stops
+serving that name.
 
 tunedesk's own options go in a `tunedesk` object of the create body (with the SDK:
 `extra_body={"tunedesk": {...}}`):
@@ -72,6 +75,7 @@ def install_finetuning(app: FastAPI, poll_s: float = 0.5) -> Any:
     from tunedesk.serve.finetune.core import FineTuning
     from tunedesk.serve.finetune.files_routes import router as files_router
     from tunedesk.serve.finetune.jobs_routes import router as jobs_router
+    from tunedesk.serve.finetune.models_routes import router as models_router
 
     state = app.state.tunedesk
     settings = state.settings
@@ -95,6 +99,7 @@ def install_finetuning(app: FastAPI, poll_s: float = 0.5) -> Any:
     app.state.finetune = ft
     app.include_router(files_router)
     app.include_router(jobs_router)
+    app.include_router(models_router)
 
     inner = app.router.lifespan_context
 

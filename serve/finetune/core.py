@@ -14,16 +14,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tunedesk.serve.errors import BadRequest, NotFound
+from tunedesk.serve.errors import BadRequest, ModelNotFound, NotFound, PermissionDenied
 from tunedesk.serve.finetune import plan, protocol
 from tunedesk.serve.finetune.protocol import TERMINAL, CreateJobRequest
 from tunedesk.serve.finetune.store import FineTuneStore, new_file_id
 from tunedesk.serve.finetune.uploads import check_file, file_row, save_upload, stored_suffix
-from tunedesk.serve.finetune.worker import Worker, list_checkpoints, settle_failed
+from tunedesk.serve.finetune.worker import MERGED, Worker, list_checkpoints, settle_failed
 from tunedesk.serve.registry import ModelRegistry
 from tunedesk.train.jobs import Job, JobError, JobStore, new_job_id
 
@@ -248,3 +249,59 @@ class FineTuning:
             for c in found[:limit]
         ]
         return protocol.page(data, len(found) > limit)
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def delete_model(self, name: str) -> dict[str, Any]:
+        """`DELETE /v1/models/{name}` for a model a job of this API made. The name stops being
+        served, now and after a restart. Deleting the fine-tune itself also deletes its merged
+        weights (the job keeps its adapter, so `tunedesk merge runs/<id>` can rebuild them)
+        and the last checkpoint's name, which served those weights; an earlier checkpoint's
+        name goes alone. The job's record is kept, `fine_tuned_model` included, as OpenAI
+        keeps it."""
+        row = self._job_serving(name)
+        if row is None:
+            if name in self.registry:
+                raise PermissionDenied(
+                    f"The model `{name}` was not made by this server's fine-tuning API; only "
+                    "fine-tuned models and their checkpoints can be deleted.",
+                    param="model",
+                )
+            raise ModelNotFound(name)
+        job_dir = self.jobs.root / row["id"]
+        names = [name]
+        if name == row["ft_name"]:
+            final = [c for c in list_checkpoints(job_dir) if c.final]
+            names += [protocol.checkpoint_model(name, c.step) for c in final]
+        now = int(time.time())
+        with self.store.transaction():
+            for n in names:
+                self.store.add_deleted_model(n, row["id"], now)
+        for n in names:
+            self.registry.unregister(n)
+        if name == row["ft_name"]:
+            self._remove_merged(job_dir)
+        Job(job_dir).add_event(f"Fine-tuned model deleted: {name}")
+        return {"id": name, "object": "model", "deleted": True}
+
+    def _job_serving(self, name: str) -> dict[str, Any] | None:
+        """The succeeded job one of whose served names is `name`, if it is still served."""
+        if name not in self.registry:
+            return None
+        for row in self.store.jobs_in_stage("done"):
+            if row["status"] == "succeeded" and name in self.worker.served_names(
+                row, self.jobs.root / row["id"]
+            ):
+                return row
+        return None
+
+    @staticmethod
+    def _remove_merged(job_dir: Path) -> None:
+        # Renamed first, so the folder stops being a loadable model in one step even if the
+        # removal is cut short; a leftover `merged.deleted` is only disk to reclaim.
+        merged = job_dir / MERGED
+        trash = job_dir / f"{MERGED}.deleted"
+        shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            merged.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)

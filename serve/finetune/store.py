@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     merge_pid INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_stage ON jobs (stage);
+CREATE TABLE IF NOT EXISTS deleted_models (
+    name TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    deleted_at INTEGER NOT NULL
+);
 """
 
 _JSON_COLUMNS = {"info", "hyperparameters", "options", "metadata", "error", "result_files"}
@@ -223,3 +228,17 @@ class FineTuneStore:
             args += values
         with self._lock:
             return self._db.execute(sql, args).rowcount > 0
+
+    # -- deleted models ---------------------------------------------------------------------------
+
+    def add_deleted_model(self, name: str, job_id: str, deleted_at: int) -> None:
+        """Record that a served fine-tune was deleted, so a restart does not serve it again."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO deleted_models (name, job_id, deleted_at) VALUES (?, ?, ?)",
+                [name, job_id, deleted_at],
+            )
+
+    def deleted_models(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT name FROM deleted_models")}

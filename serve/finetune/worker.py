@@ -419,21 +419,32 @@ class Worker:
 
     # -- done -------------------------------------------------------------------------------
 
-    def _served_names(self, row: dict[str, Any], job_dir: Path) -> list[str]:
+    def served_names(self, row: dict[str, Any], job_dir: Path) -> list[str]:
+        """The names a succeeded job's models are served under: the fine-tune, then each
+        checkpoint's `...:ckpt-step-N`."""
         return [row["ft_name"]] + [
             protocol.checkpoint_model(row["ft_name"], c.step) for c in list_checkpoints(job_dir)
         ]
 
     def _register(self, row: dict[str, Any], job_dir: Path) -> bool:
         """Serve the merged model as ft:..., and every checkpoint as ft:...:ckpt-step-N (the
-        last one is the merged model itself; earlier ones are adapters on the base)."""
+        last one is the merged model itself; earlier ones are adapters on the base). Names
+        deleted through `DELETE /v1/models` stay unserved; the last checkpoint goes with the
+        fine-tune, whose merged weights it is."""
         merged = job_dir / MERGED
-        if not (merged / "config.json").is_file():
-            log.warning("fine-tuned model %s: %s is missing; not served", row["ft_name"], merged)
-            return False
-        self.registry.register(row["ft_name"], str(merged), parent=row["parent"], replace=True)
+        deleted = self.store.deleted_models()
+        ft_deleted = row["ft_name"] in deleted
+        if not ft_deleted:
+            if not (merged / "config.json").is_file():
+                log.warning(
+                    "fine-tuned model %s: %s is missing; not served", row["ft_name"], merged
+                )
+                return False
+            self.registry.register(row["ft_name"], str(merged), parent=row["parent"], replace=True)
         for ckpt in list_checkpoints(job_dir):
             name = protocol.checkpoint_model(row["ft_name"], ckpt.step)
+            if name in deleted or (ckpt.final and ft_deleted):
+                continue
             if ckpt.final:
                 self.registry.register(name, str(merged), parent=row["ft_name"], replace=True)
             else:
@@ -494,6 +505,6 @@ class Worker:
             job.add_event("The job has successfully completed")
         else:  # cancelled during the merge
             path.unlink(missing_ok=True)
-            for name in self._served_names(row, job.dir):
+            for name in self.served_names(row, job.dir):
                 self.registry.unregister(name)
             self.store.update_job(row["id"], stage="done")

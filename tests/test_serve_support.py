@@ -122,6 +122,33 @@ def corrupt_model(base: Path, out: Path) -> Path:
     return out
 
 
+def options_model(base: Path, out: Path) -> Path:
+    """Same weights under a template that also reads `documents`, `reasoning_effort` and
+    `enable_thinking` (as Qwen3's does: an empty think block when thinking is off), for the
+    request options that only reach a template that reads them."""
+    from tunedesk.chat_format import CHATML_TEMPLATE
+
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    loop = "{% for message in messages %}"
+    ending = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    assert loop in CHATML_TEMPLATE and CHATML_TEMPLATE.endswith(ending)
+    template = (
+        CHATML_TEMPLATE.removesuffix(ending).replace(
+            loop,
+            "{% if reasoning_effort %}<|im_start|>system\nReasoning: {{ reasoning_effort }}"
+            "<|im_end|>\n{% endif %}"
+            "{% for doc in documents or [] %}<|im_start|>system\n{{ doc.title }}: "
+            "{{ doc.text }}<|im_end|>\n{% endfor %}" + loop,
+            1,
+        )
+        + "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>"
+        "\n\n{% endif %}{% endif %}"
+    )
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return out
+
+
 @contextmanager
 def serve(settings, registry, engine=None, keys=None, ready_timeout=120):
     """A real uvicorn server in a thread, ready (default model loaded) when yielded."""

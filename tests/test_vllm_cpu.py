@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_serve_support import build_tiny, cache_root, vllm_launch
+from test_serve_support import build_tiny, cache_root, options_model, vllm_launch
 
 from tunedesk.serve.engines.vllm import chat_template_file, launch_for
 from tunedesk.serve.model_ref import build_registry
@@ -64,8 +64,8 @@ config = ModelConfig(model=model, tokenizer=model)
 renderer = renderer_from_config(VllmConfig(model_config=config))
 out = []
 for c in conversations:
-    messages, tools = (c, None) if isinstance(c, list) else (c["messages"], c["tools"])
-    req = ChatCompletionRequest(model="m", messages=messages, tools=tools, max_tokens=1)
+    c = {"messages": c} if isinstance(c, list) else c  # a request's other fields beside them
+    req = ChatCompletionRequest(model="m", max_tokens=1, **c)
     extra = [None] * (len(inspect.signature(req.build_chat_params).parameters) - 2)  # 0.33: +1
     params = req.build_chat_params(template, "auto", *extra)
     if req.tools:  # as vLLM's server hands a request's tools to the template
@@ -108,15 +108,7 @@ def test_vllm_own_cli_accepts_the_command_line(tmp_path):
 
 
 def test_vllm_renders_the_prompt_tunedesk_trains_and_serves_with(pytestconfig, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from tunedesk.chat_format import encode_prompt
-    from tunedesk.serve.engines.local.serving import template_messages
-    from tunedesk.serve.engines.local.tools import tool_use
-    from tunedesk.serve.protocol import ChatCompletionRequest
-
     tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
-    template = chat_template_file(str(tiny), tmp_path_factory.mktemp("template"))
     conversations = [
         [{"role": "user", "content": "医药和消费有什么基金推荐的"}],
         [{"role": "system", "content": "你是基金客服。"}, {"role": "user", "content": "申购费？"}],
@@ -181,18 +173,63 @@ def test_vllm_renders_the_prompt_tunedesk_trains_and_serves_with(pytestconfig, t
             "tools": tools,
         },
     ]
+    _assert_rendered_alike(tiny, conversations, tmp_path_factory)
+
+
+def _assert_rendered_alike(model: Path, conversations: list, tmp_path_factory) -> list[tuple]:
+    """vLLM's prompt tokens for each request (messages, or a body with more fields) are the
+    ones the transformers engine serves it with."""
+    from transformers import AutoTokenizer
+
+    from tunedesk.chat_format import encode_prompt
+    from tunedesk.serve.engines.local.serving import prompt_options, template_messages
+    from tunedesk.serve.engines.local.tools import tool_use
+    from tunedesk.serve.protocol import ChatCompletionRequest
+
+    template = chat_template_file(str(model), tmp_path_factory.mktemp("template"))
     theirs = _run(
-        RENDER_WITH_VLLM, str(tiny), str(template), json.dumps(conversations), tag="RENDERED"
+        RENDER_WITH_VLLM, str(model), str(template), json.dumps(conversations), tag="RENDERED"
     )
-    tok = AutoTokenizer.from_pretrained(tiny)
+    tok = AutoTokenizer.from_pretrained(model)
     ours = []
     for c in conversations:
-        messages, tools = (c, None) if isinstance(c, list) else (c["messages"], c["tools"])
-        body = ChatCompletionRequest(model="m", messages=messages, tools=tools)
+        body = ChatCompletionRequest(model="m", **({"messages": c} if isinstance(c, list) else c))
         use = tool_use(body)
-        ours.append(encode_prompt(tok, template_messages(body.messages), use and use.tools))
+        options = prompt_options(body, tok)
+        ours.append(
+            encode_prompt(tok, template_messages(body.messages), use and use.tools, options)
+        )
     for conversation, vllm_ids, our_ids in zip(conversations, theirs, ours, strict=True):
         assert vllm_ids == list(our_ids), conversation
+    return [tuple(ids) for ids in ours]
+
+
+def test_vllm_renders_the_request_options_as_tunedesk_does(pytestconfig, tmp_path_factory):
+    """continue_final_message, add_generation_prompt, documents, chat_template_kwargs and
+    reasoning_effort: on a template that reads them, and dropped where it does not."""
+    tiny = build_tiny(cache_root(pytestconfig, tmp_path_factory))
+    model = options_model(tiny, tmp_path_factory.mktemp("options-model"))
+    ask = [{"role": "user", "content": "医药基金申购费？"}]
+    started = [*ask, {"role": "assistant", "content": "申购费"}]
+    docs = [{"title": "费率表", "text": "医药 0.15%"}, {"title": "FAQ", "text": "T+1"}]
+    requests = [
+        {"messages": started, "continue_final_message": True, "add_generation_prompt": False},
+        {"messages": ask, "add_generation_prompt": False},
+        {"messages": started},  # a new assistant turn after the last one, as OpenAI allows
+        {"messages": ask, "documents": docs},
+        {"messages": ask, "chat_template_kwargs": {"enable_thinking": False, "unread": 1}},
+        {"messages": ask, "reasoning_effort": "none"},
+        {"messages": ask, "reasoning_effort": "low"},
+        {
+            "messages": ask,
+            "reasoning_effort": "none",
+            "chat_template_kwargs": {"enable_thinking": True},
+        },
+    ]
+    read = _assert_rendered_alike(model, requests, tmp_path_factory)
+    assert len(set(read)) == len(requests)  # every option changed the prompt
+    unread = _assert_rendered_alike(tiny, requests, tmp_path_factory)
+    assert len(set(unread[3:])) == 1  # the tiny template reads none of these
 
 
 def test_the_gpu_benchmark_runs_direct_vllm_as_tunedesk_runs_its_child(tmp_path):

@@ -17,8 +17,9 @@ silently wrong mask.
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 IGNORE_INDEX = -100
@@ -206,23 +207,100 @@ def _render(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     add_generation_prompt: bool,
+    options: PromptOptions | None = None,
 ) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatFormatError(
             "the tokenizer has no chat_template; pass a model with one (e.g. an -Instruct model) "
             "or set tokenizer.chat_template"
         )
+    extra: dict[str, Any] = {}
+    if options is not None:
+        extra = dict(options.template_kwargs)
+        if options.documents is not None:
+            extra["documents"] = options.documents
+        if options.continue_final_message:
+            extra["continue_final_message"] = True
     try:
         return tokenizer.apply_chat_template(
             _template_messages(messages),
             tools=tools or None,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **extra,
         )
     except ChatFormatError:
         raise
     except Exception as exc:  # jinja errors, raise_exception() in templates
         raise ChatFormatError(f"chat template failed to render: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """How a served prompt is rendered beyond the conversation: vLLM's chat request options,
+    so a client gets the same prompt from either engine. Training renders with none of them."""
+
+    add_generation_prompt: bool = True
+    """Open a new assistant turn after the conversation (what every trained answer follows)."""
+    continue_final_message: bool = False
+    """Leave the final (assistant) message open, so generation continues its text."""
+    documents: list[dict[str, Any]] | None = None
+    """Handed to the template as `documents` (for templates that render retrieved documents)."""
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further template variables (the request's `chat_template_kwargs`), already filtered by
+    `template_kwargs` to the ones the template reads."""
+
+
+# Arguments of the renderer itself, which a request's template kwargs may not replace; the
+# request's own fields set the rest of what the renderer passes.
+_NOT_TEMPLATE_KWARGS = ("chat_template", "tokenize")
+_RENDERER_VARIABLES = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}
+)
+
+
+@functools.lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a chat template reads but does not set (jinja's undeclared variables)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.meta
+    import jinja2.sandbox
+
+    class _Generation(jinja2.ext.Extension):
+        # transformers' {% generation %} block (assistant masks); only parsed here.
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_noop"), [], [], body).set_lineno(
+                lineno
+            )
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
+    except jinja2.TemplateError:
+        return frozenset()
+
+
+def template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's `chat_template_kwargs` as vLLM passes them on: only the variables the
+    template reads (others are dropped, so `{"enable_thinking": false}` is harmless to a
+    template without thinking), never `chat_template` or `tokenize` (an error)."""
+    if not kwargs:
+        return {}
+    refused = [k for k in _NOT_TEMPLATE_KWARGS if k in kwargs]
+    if refused:
+        raise ChatFormatError(f"chat_template_kwargs may not set {', '.join(refused)}")
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return {}
+    reads = template_variables(template) - _RENDERER_VARIABLES
+    return {k: v for k, v in kwargs.items() if k in reads}
 
 
 def end_of_turn_token(tokenizer: Any) -> str | None:
@@ -298,20 +376,31 @@ def render_prompt(
     tokenizer: Any,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
+    options: PromptOptions | None = None,
 ) -> str:
-    """The text a model is given to generate the next assistant turn."""
-    if messages and messages[-1].get("role") == "assistant":
-        raise ChatFormatError("the last message is from the assistant; nothing to generate")
-    return _render(tokenizer, messages, tools, add_generation_prompt=True)
+    """The text a model is given to generate the next assistant turn (or, with
+    `continue_final_message`, the rest of the final one)."""
+    opts = options or PromptOptions()
+    if opts.continue_final_message:
+        if opts.add_generation_prompt:
+            raise ChatFormatError(
+                "continue_final_message and add_generation_prompt can't both be true"
+            )
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ChatFormatError(
+                "continue_final_message needs the last message to be the assistant's"
+            )
+    return _render(tokenizer, messages, tools, opts.add_generation_prompt, opts)
 
 
 def encode_prompt(
     tokenizer: Any,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
+    options: PromptOptions | None = None,
 ) -> list[int]:
     """Token ids of `render_prompt`, tokenised exactly as training tokenises conversations."""
-    text = render_prompt(tokenizer, messages, tools)
+    text = render_prompt(tokenizer, messages, tools, options)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

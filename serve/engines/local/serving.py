@@ -19,9 +19,11 @@ from starlette.responses import Response
 
 from tunedesk.chat_format import (
     ChatFormatError,
+    PromptOptions,
     encode_messages,
     encode_prompt,
     one_system_turn_first,
+    template_kwargs,
 )
 from tunedesk.serve.context import RequestContext
 from tunedesk.serve.engines.base import ApiCall
@@ -71,8 +73,6 @@ _VLLM_ONLY = {
     "guided_grammar": None,
     "logits_processors": None,
     "truncate_prompt_tokens": None,
-    "continue_final_message": False,
-    "add_generation_prompt": True,
     "chat_template": None,
     "echo": False,  # vLLM's chat `echo` (completions' own `echo` is a declared field)
 }
@@ -117,6 +117,45 @@ def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float] |
             )
         out[token] = value
     return out
+
+
+def prompt_options(body: ChatCompletionRequest, tokenizer: Any) -> PromptOptions:
+    """vLLM's chat rendering options from the request's extra fields, checked: which turn the
+    prompt opens, `documents`, and `chat_template_kwargs` (with `reasoning_effort` handed to
+    the template as vLLM hands it, and as `enable_thinking` unless the kwargs set that)."""
+    extra = body.model_extra or {}
+    flags = {}
+    for name, default in (("add_generation_prompt", True), ("continue_final_message", False)):
+        value = extra.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise BadRequest(f"{name} must be true or false.", param=name)
+        flags[name] = default if value is None else value
+    if flags["continue_final_message"] and flags["add_generation_prompt"]:
+        raise BadRequest(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to true.",
+            param="continue_final_message",
+        )
+    if flags["continue_final_message"] and body.messages[-1].role != "assistant":
+        raise BadRequest(
+            "continue_final_message needs the last message to be the assistant's.",
+            param="messages",
+        )
+    documents = extra.get("documents")
+    if documents is not None and not (
+        isinstance(documents, list) and all(isinstance(d, dict) for d in documents)
+    ):
+        raise BadRequest("documents must be a list of objects.", param="documents")
+    kwargs = extra.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise BadRequest("chat_template_kwargs must be an object.", param="chat_template_kwargs")
+    effort = extra.get("reasoning_effort")
+    if effort is not None:
+        kwargs = {"enable_thinking": effort != "none", **kwargs, "reasoning_effort": effort}
+    try:
+        kwargs = template_kwargs(tokenizer, kwargs)
+    except ChatFormatError as exc:
+        raise BadRequest(str(exc), param="chat_template_kwargs") from None
+    return PromptOptions(**flags, documents=documents, template_kwargs=kwargs)
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -310,8 +349,9 @@ class LocalServing:
                 )
             constraint = await asyncio.to_thread(call_grammar, tools)
         messages = template_messages(body.messages)
+        options = prompt_options(body, lm.tokenizer)
         try:
-            prompt = encode_prompt(lm.tokenizer, messages, tools.tools if tools else None)
+            prompt = encode_prompt(lm.tokenizer, messages, tools.tools if tools else None, options)
         except ChatFormatError as exc:
             raise BadRequest(str(exc), param="messages") from None
         self._check_prompt(lm, len(prompt), "messages")

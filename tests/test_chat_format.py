@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunedesk.chat_format import (
     IGNORE_INDEX,
     ChatFormatError,
+    PromptOptions,
     call_arguments,
     encode_conversation,
     encode_prompt,
@@ -116,9 +117,26 @@ def test_generation_prompt_plus_answer_is_the_training_text(tokenizer):
     assert stop_token_ids(tokenizer)[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
-def test_prompt_refuses_a_finished_conversation(tokenizer):
-    with pytest.raises(ChatFormatError):
-        render_prompt(tokenizer, CONVERSATION)
+def test_a_finished_conversation_opens_a_new_turn_or_continues_the_last(tokenizer):
+    """As OpenAI and vLLM take a conversation that ends with the assistant: a new assistant
+    turn follows it, or with `continue_final_message` the last answer is left open."""
+    finished = render_prompt(tokenizer, CONVERSATION)
+    assert finished == encode_conversation(tokenizer, CONVERSATION).text + "<|im_start|>assistant\n"
+    started = [*CONVERSATION[:-1], {**CONVERSATION[-1], "content": "申购费为"}]
+    opened = render_prompt(
+        tokenizer,
+        started,
+        options=PromptOptions(add_generation_prompt=False, continue_final_message=True),
+    )
+    assert opened.endswith("<|im_start|>assistant\n申购费为")
+    with pytest.raises(ChatFormatError, match="can't both be true"):
+        render_prompt(tokenizer, started, options=PromptOptions(continue_final_message=True))
+    with pytest.raises(ChatFormatError, match="last message to be the assistant"):
+        render_prompt(
+            tokenizer,
+            CONVERSATION[:-1],
+            options=PromptOptions(add_generation_prompt=False, continue_final_message=True),
+        )
 
 
 def test_qwen_style_handwritten_template(tokenizer):

@@ -225,6 +225,7 @@ def test_vllm_sampling_extensions_are_honoured_or_refused(server, client):
         ("min_tokens", 4),
         ("guided_json", {"type": "object"}),
         ("skip_special_tokens", False),
+        ("return_token_ids", True),
     ):
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(**kw, extra_body={name: value})

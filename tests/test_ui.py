@@ -98,8 +98,14 @@ def test_stop_button_aborts_generation_on_the_server(servers):
         # the server is generating, not when the browser has drawn the first words (that can
         # take longer than the whole answer).
         max_tokens = page.get_by_label("Max tokens", exact=False).first
-        max_tokens.fill("2000")
-        max_tokens.blur()  # Gradio clamps a typed value to the slider's range on blur
+        # Under load Gradio can still be rendering the opened accordion and put the default
+        # back over a value typed into it (seen once in a full run): type until it stays.
+        for _ in range(20):
+            max_tokens.fill("2000")
+            max_tokens.blur()  # Gradio clamps a typed value to the slider's range on blur
+            page.wait_for_timeout(250)
+            if max_tokens.input_value() == "2000":
+                break
         assert max_tokens.input_value() == "2000"
         _ask(page, "请详细介绍一下基金定投")
         deadline = time.time() + 60

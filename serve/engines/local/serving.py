@@ -74,6 +74,8 @@ _VLLM_ONLY = {
     "logits_processors": None,
     "truncate_prompt_tokens": None,
     "chat_template": None,
+    "return_token_ids": False,
+    "return_tokens_as_token_ids": False,
     "echo": False,  # vLLM's chat `echo` (completions' own `echo` is a declared field)
 }
 

@@ -472,15 +472,15 @@ def _meta(obj: dict, standard: frozenset[str]) -> dict:
 def _args_text(args: Any, field: str) -> str:
     """A call's arguments as OpenAI's JSON text. They must be a JSON object (inline or as
     text): the template is handed them as one, and anything else would be trained as `{}`."""
+    if args is None or (isinstance(args, str) and not args.strip()):
+        return "{}"
     parsed = args
-    if isinstance(args, str) and args.strip():
+    if isinstance(args, str):
         try:
             parsed = json.loads(args)
         except ValueError as e:
             msg = f"field '{field}' is not valid JSON: {getattr(e, 'msg', e)}"
             raise _Bad("bad_tool_call", msg, field) from None
-    elif args is None or isinstance(args, str):
-        return "{}"
     if not isinstance(parsed, dict):
         msg = f"field '{field}' must be a JSON object of arguments, got {_typename(parsed)}"
         raise _Bad("bad_tool_call", msg, field)
